@@ -223,23 +223,29 @@ def least_squares_instance(X, Y, a, b, M, groups: str = "inputs") -> Instance:
 
 
 def random_instance(n_groups: int, group_size: int = 3, seed: int = 0,
-                    kind: str = "least_squares") -> Instance:
+                    kind: str = "least_squares", ridge: float = 0.1, rho: float = 0.5) -> Instance:
     """A seeded random instance with a non-trivial keep/drop decision.
 
     ``least_squares``: correlated Gaussian design with ``n_groups`` input units and
     ``group_size`` outputs, a planted W with about half of its rows zero, noisy targets;
-    ``a = 1e-3`` (ridge), ``b`` scaled to the loss reduction one row brings, ``M = 2 max|W_ls|``.
+    ``a_j = ridge * (X^T X / n)_jj`` (the ridge relative to the curvature of the loss: the
+    perspective bound's advantage over big-M grows with it; ``ridge -> 0`` makes them equal),
+    ``b`` scaled to the loss reduction one row brings, ``M = 2 max|W_ls|``, design correlation
+    ``rho^|i-j|`` (higher is harder).
     ``quadratic``: a random positive definite Q with a planted sparse optimum, groups of
     ``group_size`` consecutive variables.
     """
     for name, val, lo in (("n_groups", n_groups, 1), ("group_size", group_size, 1)):
         if not isinstance(val, (int, np.integer)) or val < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
+    if not (np.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if not (0 <= rho < 1):
+        raise ValueError(f"rho must be in [0, 1), got {rho}")
     rng = np.random.default_rng(seed)
     G, k = int(n_groups), int(group_size)
     if kind == "least_squares":
         ns = max(3 * G, 20)
-        rho = 0.5
         cov = rho ** np.abs(np.subtract.outer(np.arange(G), np.arange(G)))
         X = rng.standard_normal((ns, G)) @ np.linalg.cholesky(cov).T
         W = rng.standard_normal((G, k)) * (rng.random(G) < 0.5)[:, None]
@@ -247,7 +253,8 @@ def random_instance(n_groups: int, group_size: int = 3, seed: int = 0,
         W_ls = np.linalg.lstsq(X, Y, rcond=None)[0]
         loss0 = np.sum(Y * Y) / (2 * ns)
         b = rng.uniform(0.5, 1.5, G) * 0.3 * loss0 / G
-        return least_squares_instance(X, Y, 1e-3, b, 2.0 * np.abs(W_ls).max(), "inputs")
+        a = ridge * np.sum(X * X, axis=0) / ns
+        return least_squares_instance(X, Y, a, b, 2.0 * np.abs(W_ls).max(), "inputs")
     if kind == "quadratic":
         n = G * k
         A = rng.standard_normal((n, n))
