@@ -1,0 +1,37 @@
+"""mipprune: structured pruning as a mixed-integer program (the OR layer).
+
+Importing the package loads only numpy and the pure formulas (``spr``, ``instance``), so the
+torch layer ``nn`` can use the closed-form SPR on machines without pyomo, highspy or numba;
+the solvers load on first use.  This package never imports torch.
+"""
+
+from importlib import import_module
+
+from .instance import Instance, least_squares_instance, random_instance
+from .spr import C1, C2, C3, SPR, bigm_grad, bigm_value, spr, spr_grad, spr_numeric, spr_value
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "BnBResult": "bnb",
+    "branch_and_bound": "bnb",
+    "NodeRelaxation": "relax",
+    "RelaxResult": "relax",
+    "pr_bound_closed_form": "relax",
+    "bigm_bound": "solve",
+    "pr_bound_cuts": "solve",
+    "enumerate_solve": "solve",
+    "mip_solve_external": "solve",
+    "validate": "validate",
+}
+
+__all__ = [
+    "C1", "C2", "C3", "SPR", "spr", "spr_value", "spr_grad", "bigm_value", "bigm_grad",
+    "spr_numeric", "Instance", "least_squares_instance", "random_instance", *_LAZY,
+]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'mipprune' has no attribute {name!r}")

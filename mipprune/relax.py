@@ -46,7 +46,7 @@ from numba import njit
 from .instance import Instance
 from .spr import spr
 
-__all__ = ["OUT", "IN", "FREE", "BOUNDS", "NodeRelaxation", "RelaxResult"]
+__all__ = ["OUT", "IN", "FREE", "BOUNDS", "NodeRelaxation", "RelaxResult", "pr_bound_closed_form"]
 
 OUT, IN, FREE = 0, 1, 2
 BOUNDS = ("perspective", "bigm")
@@ -344,3 +344,12 @@ class NodeRelaxation:
                                  int(max_iter), int(check_every))
         value = self.closed_form_value(x, status)
         return RelaxResult(float(lb), value, x, z, int(it), bool(lb >= cutoff))
+
+
+def pr_bound_closed_form(instance: Instance, bounds: str = "perspective", rtol: float = 1e-10,
+                         max_iter: int = 100000) -> RelaxResult:
+    """The root relaxation: min_w f(w) + sum_j SPR_j(w_j) on the box (or the big-M penalty),
+    i.e. the PR (big-M) relaxation with z projected out.  ``lower_bound`` is certified;
+    ``value`` is the closed form evaluated at the returned point."""
+    return NodeRelaxation(instance, bounds).solve(np.full(instance.n_groups, FREE), rtol=rtol,
+                                                   max_iter=max_iter)
