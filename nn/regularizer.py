@@ -1,0 +1,235 @@
+"""The SPR regularizer in torch: the validated formula of :mod:`mipprune.spr`, evaluated on
+weight tensors, plus the recipe that sets its coefficients from a model.
+
+Per group ``j`` (the writer slices of one prunable structure, see :mod:`nn.structures`) with
+``t = ||w_j||_2``, ``m = ||w_j||_inf``, ``c = sqrt(a_j / b_j)``::
+
+    C1  max(m/M, c t) >= 1 :  a t^2 + b                (also beyond the box m > M: "extend")
+    C2  m/M <= c t < 1     :  2 sqrt(a b) t
+    C3  c t < m/M < 1      :  a M t^2 / m + b m / M
+
+The value *is* ``mipprune.spr.spr_value`` called on torch tensors (array-API code, one copy);
+gradients are finite at ``w = 0`` and on every case boundary (double-``where`` there).
+
+Published recipe (first author's code): ``a_j = lam alpha n_j / N``, ``b_j = lam (1 - alpha)
+n_j / N`` with ``n_j`` the parameters of structure ``j`` and ``N`` those of the model; with
+``cost="macs"`` MACs replace parameters, and a float ``beta`` mixes them:
+``n_j / N := (1 - beta) params_j / params + beta macs_j / macs``.  ``n_j`` counts the writer and
+reader slices (:attr:`Family.params`, :attr:`Family.macs`), i.e. what removing ``j`` saves.
+``M_j = M_scale * max|w|`` over the family's writer tensors (one conv-BN block for a filter
+family) in a reference model.
+
+Beyond ``M`` (``beyond_M``): ``"extend"`` uses C1 there (published behaviour, not convex when
+``c M > 1``); ``"project"`` keeps weights in the box: call :meth:`SPRRegularizer.project_` after
+every ``optimizer.step()`` (it clamps each writer tensor to ``[-M, M]``; a no-op for "extend",
+so a training loop can always call it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn as tnn
+
+from mipprune.spr import C1, C2, C3, bigm_value, spr, spr_value
+from nn.complexity import count_params, layer_macs
+from nn.structures import KINDS, Family, build_families, group_weights
+
+__all__ = ["spr_penalty", "bigm_penalty", "SPRConfig", "SPRRegularizer"]
+
+
+def _checked(w, a, b, M):
+    if not isinstance(w, torch.Tensor) or w.ndim != 2 or not w.is_floating_point():
+        raise ValueError(f"w must be a 2-D floating tensor (groups x weights), got "
+                         f"{getattr(w, 'shape', type(w).__name__)}")
+    out = []
+    for label, x, low, strict in (("a", a, 0.0, False), ("b", b, 0.0, False),
+                                  ("M", M, 0.0, True)):
+        if isinstance(x, torch.Tensor):
+            if x.ndim > 1 or (x.ndim == 1 and x.shape[0] != w.shape[0]):
+                raise ValueError(f"{label} must be a scalar or have shape ({w.shape[0]},), "
+                                 f"got {tuple(x.shape)}")
+            x = x.to(dtype=w.dtype, device=w.device)
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            if x < low or (strict and x == low) or x != x:
+                raise ValueError(f"{label} must be {'>' if strict else '>='} 0, got {x!r}")
+            x = float(x)
+        else:
+            raise ValueError(f"{label} must be a number or a tensor, got {type(x).__name__}")
+        out.append(x)
+    return out
+
+
+def spr_penalty(w: torch.Tensor, a, b, M) -> torch.Tensor:
+    """Per-group SPR of the rows of ``w`` (shape ``(groups,)``; see the module docstring).
+
+    ``a``, ``b``, ``M``: scalars or per-group tensors.  Calls ``mipprune.spr.spr_value``.
+    """
+    return spr_value(w, *_checked(w, a, b, M))
+
+
+def bigm_penalty(w: torch.Tensor, a, b, M) -> torch.Tensor:
+    """Per-group big-M relaxation penalty ``a ||w||^2 + b min(||w||_inf / M, 1)`` (the ablation;
+    calls ``mipprune.spr.bigm_value``)."""
+    return bigm_value(w, *_checked(w, a, b, M))
+
+
+_PENALTIES = {"spr": spr_penalty, "bigm": bigm_penalty}
+
+
+@dataclass(frozen=True)
+class SPRConfig:
+    """Regularizer settings.  ``lam`` (λ >= 0) scales everything; ``alpha`` in [0, 1] splits it
+    into ridge ``a`` and cost ``b``; ``M_scale > 0``; ``cost`` is ``"params"``, ``"macs"`` or the
+    MAC share ``beta`` in [0, 1]; ``kinds`` the structure kinds regularized (default: free
+    filters and stream channels, whose groups partition every conv/BN parameter);
+    ``beyond_M`` ``"extend"`` | ``"project"``; ``penalty`` ``"spr"`` | ``"bigm"``."""
+
+    lam: float
+    alpha: float = 0.5
+    M_scale: float = 1.0
+    cost: str | float = "params"
+    kinds: tuple[str, ...] = ("filter", "stream")
+    beyond_M: str = "extend"
+    penalty: str = "spr"
+
+    def __post_init__(self):
+        def number(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+        if not number(self.lam) or self.lam < 0:
+            raise ValueError(f"lam must be a number >= 0, got {self.lam!r}")
+        if not number(self.alpha) or not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if not number(self.M_scale) or self.M_scale <= 0:
+            raise ValueError(f"M_scale must be > 0, got {self.M_scale!r}")
+        if not (self.cost in ("params", "macs") or (number(self.cost) and 0 <= self.cost <= 1)):
+            raise ValueError(f"cost must be 'params', 'macs' or a float in [0, 1], "
+                             f"got {self.cost!r}")
+        kinds = tuple(self.kinds) if isinstance(self.kinds, (list, tuple)) else None
+        if not kinds or any(k not in KINDS for k in kinds) or len(set(kinds)) != len(kinds):
+            raise ValueError(f"kinds must be distinct values of {KINDS}, got {self.kinds!r}")
+        object.__setattr__(self, "kinds", kinds)
+        if self.beyond_M not in ("extend", "project"):
+            raise ValueError(f"beyond_M must be 'extend' or 'project', got {self.beyond_M!r}")
+        if self.penalty not in _PENALTIES:
+            raise ValueError(f"penalty must be 'spr' or 'bigm', got {self.penalty!r}")
+
+    @property
+    def macs_share(self) -> float:
+        return {"params": 0.0, "macs": 1.0}.get(self.cost, self.cost)
+
+
+def _reference_state(reference, model: tnn.Module) -> Mapping:
+    if reference is None:
+        return dict(model.named_parameters())
+    if isinstance(reference, tnn.Module):
+        return reference.state_dict()
+    if isinstance(reference, (str, os.PathLike)):
+        reference = torch.load(reference, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(reference, Mapping) and key in reference:
+                reference = reference[key]
+    if not isinstance(reference, Mapping):
+        raise ValueError(f"reference must be a state_dict, a checkpoint path, a module or None, "
+                         f"got {type(reference).__name__}")
+    return reference
+
+
+class SPRRegularizer:
+    """The SPR (or big-M) penalty of a model's structures, as a loss term.
+
+    ``reg = SPRRegularizer(model, SPRConfig(lam=...), input_size=(3, 32, 32), reference=None)``;
+    ``loss = ce + reg()`` in the training loop, then ``reg.project_()`` after the step.  Groups
+    of equal width are concatenated across families and evaluated in one call each.  ``reg()``
+    reads the model's current parameters by name (the model may move between devices).
+    """
+
+    def __init__(self, model: tnn.Module, config: SPRConfig, input_size=(3, 32, 32),
+                 reference=None):
+        if not isinstance(config, SPRConfig):
+            raise ValueError(f"config must be an SPRConfig, got {type(config).__name__}")
+        self.model, self.config = model, config
+        beta = config.macs_share
+        lm = layer_macs(model, input_size) if beta > 0 else None
+        self.families: list[Family] = [f for f in build_families(model, lm)
+                                       if f.kind in config.kinds]
+        if not self.families:
+            raise ValueError(f"model has no structures of kinds {config.kinds}")
+        n_params, n_macs = count_params(model), (sum(lm.values()) if lm else 1)
+        ref = _reference_state(reference, model)
+        self.a, self.b, self.M = {}, {}, {}
+        for f in self.families:
+            share = ((1 - beta) * torch.tensor(f.params, dtype=torch.float64) / n_params
+                     + beta * torch.tensor(f.macs, dtype=torch.float64) / n_macs)
+            self.a[f.name] = config.lam * config.alpha * share
+            self.b[f.name] = config.lam * (1 - config.alpha) * share
+            missing = [p.param for p in f.writers if p.param not in ref]
+            if missing:
+                raise ValueError(f"reference lacks {missing[0]!r}")
+            top = max(float(ref[p.param].detach().abs().max()) for p in f.writers)
+            if top == 0:
+                raise ValueError(f"reference weights of {f.name!r} are all zero: M would be 0")
+            self.M[f.name] = config.M_scale * top
+        widths: dict[int, list[Family]] = {}
+        params = dict(model.named_parameters())
+        for f in self.families:
+            widths.setdefault(group_weights(params, f).shape[1], []).append(f)
+        self._buckets = [(fams, *(torch.cat([d[f.name] for f in fams]) for d in (
+            self.a, self.b, {f.name: torch.full((f.size,), self.M[f.name],
+                                                dtype=torch.float64) for f in fams})))
+                         for fams in widths.values()]
+        self._cache: dict = {}
+
+    def _coeffs(self, i: int, like: torch.Tensor):
+        key = (i, like.dtype, like.device)
+        if key not in self._cache:
+            self._cache[key] = tuple(x.to(dtype=like.dtype, device=like.device)
+                                     for x in self._buckets[i][1:])
+        return self._cache[key]
+
+    def _groups(self):
+        params = dict(self.model.named_parameters())
+        for i, (fams, *_) in enumerate(self._buckets):
+            w = torch.cat([group_weights(params, f) for f in fams], dim=0)
+            yield fams, w, self._coeffs(i, w)
+
+    def group_penalties(self) -> dict[str, torch.Tensor]:
+        """Per-group penalty of every regularized family (differentiable)."""
+        fn, out = _PENALTIES[self.config.penalty], {}
+        for fams, w, (a, b, M) in self._groups():
+            for f, v in zip(fams, torch.split(fn(w, a, b, M), [f.size for f in fams])):
+                out[f.name] = v
+        return out
+
+    def __call__(self) -> torch.Tensor:
+        """Total penalty: a scalar loss term (nothing written into ``.grad``)."""
+        fn = _PENALTIES[self.config.penalty]
+        return sum(fn(w, a, b, M).sum() for _, w, (a, b, M) in self._groups())
+
+    @torch.no_grad()
+    def case_stats(self) -> dict[str, dict[str, float]]:
+        """Share of groups in cases C1/C2/C3 of SPR (``mipprune.spr.spr(...).case``) for every
+        family and over all groups (key ``"all"``), plus the number of groups ``"n"``."""
+        counts = {}
+        for fams, w, (a, b, M) in self._groups():
+            case = spr(w, a, b, M).case
+            for f, c in zip(fams, torch.split(case, [f.size for f in fams])):
+                counts[f.name] = [int((c == k).sum()) for k in (C1, C2, C3)]
+        counts["all"] = [sum(v[i] for v in counts.values()) for i in range(3)]
+        return {name: {"C1": v[0] / sum(v), "C2": v[1] / sum(v), "C3": v[2] / sum(v),
+                       "n": sum(v)} for name, v in counts.items()}
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """With ``beyond_M="project"``: clamp every writer tensor of each family to
+        ``[-M, M]`` (call after ``optimizer.step()``).  No-op with ``"extend"``."""
+        if self.config.beyond_M != "project":
+            return
+        params = dict(self.model.named_parameters())
+        for f in self.families:
+            for p in f.writers:
+                params[p.param].clamp_(-self.M[f.name], self.M[f.name])
