@@ -99,10 +99,17 @@ class Instance:
 
     @staticmethod
     def _check_groups(groups, n):
-        try:
-            groups = tuple(tuple(int(i) for i in g) for g in groups)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"groups must be lists of integer indices, got {groups!r:.80}") from exc
+        if isinstance(groups, (str, bytes)) or not hasattr(groups, "__iter__"):
+            raise ValueError(f"groups must be lists of integer indices, got {groups!r:.80}")
+        checked = []
+        for j, g in enumerate(groups):
+            if isinstance(g, (str, bytes)) or not hasattr(g, "__iter__"):
+                raise ValueError(f"groups must be lists of integer indices, got group {j} = {g!r:.80}")
+            bad = [i for i in g if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+            if bad:
+                raise ValueError(f"group {j} has a non-integer index {bad[0]!r}")
+            checked.append(tuple(int(i) for i in g))
+        groups = tuple(checked)
         seen = np.zeros(n, dtype=int)
         for j, g in enumerate(groups):
             if not g:
@@ -190,6 +197,8 @@ class Instance:
             d = json.loads(Path(path).read_text())
         except OSError as exc:
             raise ValueError(f"cannot read instance file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"instance file {path} is not text (JSON expected): {exc.reason}") from exc
         except json.JSONDecodeError as exc:
             raise ValueError(f"instance file {path} is not valid JSON: {exc}") from exc
         return cls.from_dict(d)

@@ -14,8 +14,11 @@ z* = min{1, max{u, c t}} and substituting it back gives the three cases
     C3  c t < u < 1      :  SPR = a M t^2 / m + b m / M      (z* = u, m = ||w||_inf)
 
 Beyond the box (m > M) the MIP is infeasible; this function *extends with C1*
-(``a t^2 + b``), which is what the first author's public code does and is not convex when
-c M > 1.  Trainers that need convexity keep weights in the box instead (see ``nn``).
+(``a t^2 + b``), which is what the first author's public code does.  When c M >= 1 there is
+no C3 region (C3 needs c t M < m <= t) and the extension is convex: SPR is then
+2 sqrt(ab) BerHu_{1/c}(t) everywhere.  When c M < 1 the C3 branch meets C1 at m = M with a
+concave kink, so the extension is not convex.  Trainers that need convexity keep weights in
+the box instead (see ``nn``).
 
 Every function takes a batch: ``w`` has shape ``(..., k)`` (groups along the leading axes,
 weights of a group along the last one; zero padding is harmless because it changes neither
@@ -24,7 +27,9 @@ They are written against the array-API subset that numpy and torch share, so ``n
 this very code on torch tensors (autograd included) -- there is no second copy of the formula.
 Case tests are done without dividing (``c t >= 1`` as ``sqrt(a) t >= sqrt(b)``), so ``a = 0``
 or ``b = 0`` need no special code, and every branch is evaluated on safe operands
-("double where") so gradients are finite at ``w = 0`` and on every case boundary.
+("double where") so gradients are finite at ``w = 0`` and on every case boundary.  Norms are
+taken on ``w / m`` (t = m ||w/m||, r = t/m >= 1) so tiny non-zero weights do not underflow
+(t^2 < 1e-308 would otherwise send C2 groups to C3 and the gradient to 0/0).
 """
 
 from __future__ import annotations
@@ -70,13 +75,18 @@ def _as(xp, x, like):
 
 
 def _stats(w):
-    """``(xp, s, t, m, pos)``: squared norm, norm, max-abs, and ``t > 0``, finite gradients at 0."""
+    """``(xp, t, m, r, ws, pos)``: norm t, max-abs m, r = t/m (1 where m = 0), ``ws = w/m``
+    and ``m > 0``.  Scaling by m keeps tiny weights from underflowing; the double ``where``
+    keeps gradients finite at w = 0 (``sqrt`` is never evaluated at 0)."""
     xp = _xp(w)
-    s = xp.sum(w * w, axis=-1)
-    pos = s > 0
-    t = xp.where(pos, xp.sqrt(xp.where(pos, s, xp.ones_like(s))), xp.zeros_like(s))
     m = xp.max(xp.abs(w), axis=-1)
-    return xp, s, t, m, pos
+    pos = m > 0
+    one = xp.ones_like(m)
+    ws = w / xp.where(pos, m, one)[..., None]
+    q = xp.sum(ws * ws, axis=-1)
+    r = xp.sqrt(xp.where(pos, q, one))
+    t = xp.where(pos, m * r, xp.zeros_like(m))
+    return xp, t, m, r, ws, pos
 
 
 def _cases(xp, t, m, a, b, M):
@@ -93,20 +103,18 @@ def spr(w, a, b, M) -> SPR:
     Differentiable by autograd when ``w`` is a torch tensor: the value is built from the
     case expressions with safe operands, so the gradient is the closed form of ``spr_grad``.
     """
-    xp, s, t, m, _ = _stats(w)
-    a, b, M = (_as(xp, x, s) for x in (a, b, M))
+    xp, t, m, r, _, _ = _stats(w)
+    a, b, M = (_as(xp, x, t) for x in (a, b, M))
     sa, sb, c1, c2 = _cases(xp, t, m, a, b, M)
-    one = xp.ones_like(s)
-    m_safe = xp.where(m > 0, m, one)
+    one = xp.ones_like(t)
     sb_safe = xp.where(sb > 0, sb, one)
-    v1 = a * s + b
+    v1 = a * t * t + b
     v2 = 2.0 * sa * sb * t
-    v3 = a * M * s / m_safe + b * m / M
+    v3 = a * M * t * r + b * m / M  # a M t^2/m with t/m = r
     value = xp.where(c1, v1, xp.where(c2, v2, v3))
     z = xp.where(c1, one, xp.where(c2, sa * t / sb_safe, m / M))
-    case = xp.where(c1, C1 * xp.ones_like(s, dtype=xp.int64),
-                    xp.where(c2, C2 * xp.ones_like(s, dtype=xp.int64),
-                             C3 * xp.ones_like(s, dtype=xp.int64)))
+    ones = xp.ones_like(t, dtype=xp.int64)
+    case = xp.where(c1, C1 * ones, xp.where(c2, C2 * ones, C3 * ones))
     return SPR(value, z, case)
 
 
@@ -135,16 +143,13 @@ def spr_grad(w, a, b, M):
     C3: 2 a M w / m  +  e_k sign(w_k) (b/M - a M t^2 / m^2)   (k = arg max |w_i|; ties share).
     Continuous across the C1|C2 and C2|C3 boundaries (substitute ct = 1, resp. m = M c t).
     """
-    xp, s, t, m, pos = _stats(w)
-    a, b, M = (_as(xp, x, s) for x in (a, b, M))
+    xp, t, m, r, ws, _ = _stats(w)
+    a, b, M = (_as(xp, x, t) for x in (a, b, M))
     sa, sb, c1, c2 = _cases(xp, t, m, a, b, M)
-    one = xp.ones_like(s)
-    t_safe = xp.where(pos, t, one)
-    m_safe = xp.where(m > 0, m, one)
     g1 = 2.0 * a[..., None] * w
-    g2 = (2.0 * sa * sb / t_safe)[..., None] * w
-    g3 = (2.0 * a * M / m_safe)[..., None] * w + (
-        (b / M - a * M * s / (m_safe * m_safe))[..., None] * _argmax_share(xp, w, m)
+    g2 = (2.0 * sa * sb / r)[..., None] * ws  # w / t = (w/m) / r
+    g3 = (2.0 * a * M)[..., None] * ws + (
+        (b / M - a * M * r * r)[..., None] * _argmax_share(xp, w, m)  # t^2/m^2 = r^2
     )
     return xp.where(c1[..., None], g1, xp.where(c2[..., None], g2, g3))
 
@@ -152,15 +157,15 @@ def spr_grad(w, a, b, M):
 def bigm_value(w, a, b, M):
     """The big-M-relaxation penalty  a ||w||^2 + b min(||w||_inf / M, 1)  (z projected out of
     the continuous big-M relaxation, z* = u; extended with z = 1 beyond the box, like SPR)."""
-    xp, s, _, m, _ = _stats(w)
-    a, b, M = (_as(xp, x, s) for x in (a, b, M))
-    return a * s + b * xp.minimum(m / M, xp.ones_like(m))
+    xp, t, m, _, _, _ = _stats(w)
+    a, b, M = (_as(xp, x, t) for x in (a, b, M))
+    return a * t * t + b * xp.minimum(m / M, xp.ones_like(m))
 
 
 def bigm_grad(w, a, b, M):
     """Gradient of the summed big-M penalty: 2 a w + (b/M) e_k sign(w_k) while m < M."""
-    xp, s, _, m, _ = _stats(w)
-    a, b, M = (_as(xp, x, s) for x in (a, b, M))
+    xp, t, m, _, _, _ = _stats(w)
+    a, b, M = (_as(xp, x, t) for x in (a, b, M))
     inside = xp.astype(m < M, w.dtype)
     return 2.0 * a[..., None] * w + ((b / M) * inside)[..., None] * _argmax_share(xp, w, m)
 
