@@ -19,8 +19,8 @@ reader slices (:attr:`Family.params`, :attr:`Family.macs`), i.e. what removing `
 ``M_j = M_scale * max|w|`` over the family's writer tensors (one conv-BN block for a filter
 family) in a reference model.
 
-Beyond ``M`` (``beyond_M``): ``"extend"`` uses C1 there (published behaviour, not convex when
-``c M > 1``); ``"project"`` keeps weights in the box: call :meth:`SPRRegularizer.project_` after
+Beyond ``M`` (``beyond_M``): ``"extend"`` uses C1 there (published behaviour; convex when
+``c M >= 1``, with a concave kink at ``m = M`` when ``c M < 1``); ``"project"`` keeps weights in the box: call :meth:`SPRRegularizer.project_` after
 every ``optimizer.step()`` (it clamps each writer tensor to ``[-M, M]``; a no-op for "extend",
 so a training loop can always call it).
 """
