@@ -21,7 +21,8 @@ _LAZY = {
     "bigm_bound": "solve",
     "pr_bound_cuts": "solve",
     "enumerate_solve": "solve",
-    "mip_solve_external": "solve",
+    "solve_fixed_z": "solve",
+    "scip_solve": "scip",
     "validate": "validate",
 }
 
