@@ -1,9 +1,12 @@
-"""mipprune's torch layer: the SPR regularizer, ResNets, prunable structures, surgery, complexity.
+"""mipprune's torch layer: the SPR regularizer, ResNets, prunable structures, surgery, complexity,
+data loading and the training loop.
 
 Imports torch and :mod:`mipprune.spr` (the one closed-form formula) only -- never pyomo or a
 solver, so it works on machines without them.
 """
 
+from nn.data import DATASETS, DataBundle, TensorLoader, load_dataset, make_loader
+from nn.train import TrainConfig, TrainResult, distributed_env, lr_at, train, unwrap
 from nn.complexity import analytic_macs, count_macs, count_params, layer_macs, measure_latency
 from nn.models import MODELS, ResNet, build_model
 from nn.pruned import PrunedResNet, load_pruned, save_pruned
@@ -18,4 +21,6 @@ __all__ = [
     "PrunedResNet", "save_pruned", "load_pruned",
     "count_params", "count_macs", "analytic_macs", "layer_macs", "measure_latency",
     "spr_penalty", "bigm_penalty", "SPRConfig", "SPRRegularizer",
+    "DATASETS", "DataBundle", "TensorLoader", "load_dataset", "make_loader",
+    "TrainConfig", "TrainResult", "train", "lr_at", "distributed_env", "unwrap",
 ]
