@@ -40,6 +40,7 @@ def parse():
     p.add_argument("--enumerate-max-groups", type=int, default=16)
     p.add_argument("--scip-max-groups", type=int, default=30)
     p.add_argument("--out", default=None, help="result stem (default benchmarks/results/bnb_scaling)")
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON")
     return p.parse_args()
 
 
@@ -131,12 +132,13 @@ def plot(rows, methods, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for m in methods:
         sizes = sorted({r["groups"] for r in rows if r["method"] == m})
         med = lambda key: [np.median([r[key] for r in rows if r["method"] == m and r["groups"] == G]) for G in sizes]  # noqa: E731
-        axes[0].plot(sizes, med("seconds"), "o-", label=m)
-        if m != "enumerate":
-            axes[1].plot(sizes, med("nodes"), "o-", label=m)
+        axes[0].plot(sizes, med("seconds"), "o-", label=m, color=colors[m])
+        if m != "enumerate":  # its "nodes" are patterns
+            axes[1].plot(sizes, med("nodes"), "o-", label=m, color=colors[m])
     for ax, lab in zip(axes[:2], ("solve time [s] (median)", "nodes (median)")):
         ax.set_yscale("log")
         ax.set_xlabel("groups")
@@ -156,6 +158,13 @@ def plot(rows, methods, path):
 
 def main():
     args = parse()
+    if args.replot:  # redraw the figure of an earlier run from its JSON (no re-measurement)
+        import json
+
+        stem = results_path(args.out, "bnb_scaling")
+        data = json.loads(stem.with_suffix(".json").read_text())
+        plot(data["rows"], list(dict.fromkeys(r["method"] for r in data["rows"])), stem.with_suffix(".png"))
+        return
     info = machine_info()
     print(format_machine(info), flush=True)
     t0 = time.perf_counter()
