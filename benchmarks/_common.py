@@ -54,6 +54,21 @@ def load_average() -> list[float] | None:
         return None
 
 
+def wait_for_load(below: float, timeout_s: float = 900, poll_s: float = 15) -> float:
+    """Sleep until the 1-minute load average is below ``below`` (other jobs on a shared
+    machine distort timings badly: with 2 OpenMP threads on 2 busy cores, small operators
+    wait on each other); gives up after ``timeout_s``.  Returns the seconds waited."""
+    import time
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        load = load_average()
+        if load is None or load[0] < below:
+            break
+        time.sleep(poll_s)
+    return time.monotonic() - t0
+
+
 def machine_info(device: str = "cpu") -> dict:
     """Platform, CPU, cores, library versions, torch threads, git commit, time, load."""
     import numpy
