@@ -1,12 +1,14 @@
 """mipprune's torch layer: the SPR regularizer, ResNets, prunable structures, surgery, complexity,
 data loading and the training loop.
 
-Imports torch and :mod:`mipprune.spr` (the one closed-form formula) only -- never pyomo or a
+The training function is ``nn.train.train``: it is not re-exported here because a package
+attribute named ``train`` would shadow the submodule (``import nn.train as t`` would then give
+the function).  Imports torch and :mod:`mipprune.spr` (the one closed-form formula) only -- never pyomo or a
 solver, so it works on machines without them.
 """
 
 from nn.data import DATASETS, DataBundle, TensorLoader, load_dataset, make_loader
-from nn.train import TrainConfig, TrainResult, distributed_env, lr_at, train, unwrap
+from nn.train import TrainConfig, TrainResult, distributed_env, lr_at, unwrap
 from nn.complexity import analytic_macs, count_macs, count_params, layer_macs, measure_latency
 from nn.models import MODELS, ResNet, build_model
 from nn.pruned import PrunedResNet, load_pruned, save_pruned
@@ -22,5 +24,5 @@ __all__ = [
     "count_params", "count_macs", "analytic_macs", "layer_macs", "measure_latency",
     "spr_penalty", "bigm_penalty", "SPRConfig", "SPRRegularizer",
     "DATASETS", "DataBundle", "TensorLoader", "load_dataset", "make_loader",
-    "TrainConfig", "TrainResult", "train", "lr_at", "distributed_env", "unwrap",
+    "TrainConfig", "TrainResult", "lr_at", "distributed_env", "unwrap",
 ]
