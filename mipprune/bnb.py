@@ -124,7 +124,7 @@ def branch_and_bound(instance: Instance, bounds: str = "perspective", gap_tol: f
             continue
         zr, val = _rounded(inst, res.w)
         offer(res.w, zr, val)
-        if val <= best * (1 + 1e-3) + 1e-12 or nodes == 1:
+        if val <= best + 1e-3 * abs(best) + 1e-12 or nodes == 1:  # within 0.1% of the incumbent
             polish(zr)
         free = np.flatnonzero(st == FREE)
         frac = np.minimum(res.z[free], 1 - res.z[free]) if free.size else np.zeros(0)
