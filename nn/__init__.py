@@ -9,6 +9,7 @@ solver, so it works on machines without them.
 
 from nn.data import DATASETS, DataBundle, TensorLoader, load_dataset, make_loader
 from nn.train import TrainConfig, TrainResult, distributed_env, lr_at, unwrap
+from nn.pipeline import PipelineConfig, run_pipeline
 from nn.complexity import analytic_macs, count_macs, count_params, layer_macs, measure_latency
 from nn.models import MODELS, ResNet, build_model
 from nn.pruned import PrunedResNet, load_pruned, save_pruned
@@ -25,4 +26,5 @@ __all__ = [
     "spr_penalty", "bigm_penalty", "SPRConfig", "SPRRegularizer",
     "DATASETS", "DataBundle", "TensorLoader", "load_dataset", "make_loader",
     "TrainConfig", "TrainResult", "lr_at", "distributed_env", "unwrap",
+    "PipelineConfig", "run_pipeline",
 ]

@@ -373,7 +373,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
+def atomic_write(path: Path, write: Callable) -> None:
     """``write(fh)`` into a temporary file beside ``path``, fsync it, then ``os.replace``:
     a reader sees the old file or the new one, never a partial one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -390,7 +390,7 @@ def _atomic_write(path: Path, write: Callable) -> None:
 
 
 def _save_checkpoint(obj: dict, path: Path) -> None:
-    _atomic_write(path, lambda fh: torch.save(obj, fh))
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -408,7 +408,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 def _write_metrics(path: Path, history: list[dict]) -> None:
     """Rewrite the metrics log with exactly ``history`` (resume drops later epochs)."""
     text = "".join(json.dumps(r) + "\n" for r in history)
-    _atomic_write(path, lambda fh: fh.write(text.encode()))
+    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def _append_metrics(path: Path, record: dict) -> None:

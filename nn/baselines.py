@@ -1,0 +1,300 @@
+"""What each pruning method removes: structure scores, the order of removal, the masks of a
+prefix of that order, and the two selection rules (bisection on the training-accuracy drop, a
+MAC target).  Also the training-time terms of the baselines (network slimming's L1 on BN γ).
+
+Methods (:data:`METHODS`) and their score of structure ``j`` (lowest removed first):
+
+    spr, bigm   ``norm``: t_j = ||w_j||_2 of the SPR group (writer slices: conv filter + BN γ, β);
+                ``z``: z*_j = min(1, max(||w_j||_inf / M_j, sqrt(a_j/b_j) t_j)) of
+                ``mipprune.spr.spr`` (the MIP indicator the penalty projects out)
+    slimming    ||γ_j||_2 over the BN writers of j (|γ_j| for a filter; Liu et al. 2017)
+    l1-filter   sum_i |w_ji| over the conv writers of j (Li et al. 2017), ranked per layer
+    dense       nothing is removed
+
+Order: ascending score over all structures (``global``), or per layer (``per_layer``, used by
+l1-filter): filters leave each family lowest-L1 first, and the next one always comes from the
+family with the smallest removed fraction after the removal (ties: family order) -- a uniform
+pruning ratio over layers, one filter at a time.  A *cut* ``k`` removes the first ``k`` of the
+order; with a global order only cuts between distinct scores are thresholds (``tau`` = score of
+the first kept structure: "remove every structure with score < tau").  Families that compress
+requires non-empty (every stream, the ResNet-50 stem family ``conv1``) keep their last-ordered
+channel, so the removed sets of successive cuts are nested.
+
+Selection:  :func:`bisect_threshold` -- the largest candidate whose accuracy drop stays within the
+tolerance, by bisection (assumes accuracy non-increasing in the threshold: ⌈log2 n⌉ + 1
+evaluations);  :func:`first_at_most` -- the first cut whose MACs are at most a target (MACs are
+non-increasing along the order, so bisection is exact).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn as tnn
+
+import torch.distributed as dist
+
+from mipprune.spr import spr
+from nn.complexity import count_macs
+from nn.data import StreamLoader, TensorLoader
+from nn.structures import Family, Piece, group_weights
+from nn.surgery import apply_masks, compress
+
+__all__ = ["METHODS", "SCORES", "protected", "structure_scores", "removal_order", "cut_points",
+           "threshold_of", "prefix_masks", "bisect_largest", "bisect_threshold", "first_at_most",
+           "slimming_penalty", "evaluate", "subset_loader", "select_masks"]
+
+METHODS = ("spr", "bigm", "dense", "l1-filter", "slimming")
+SCORES = ("norm", "z")
+
+
+def protected(families: Sequence[Family]) -> set[str]:
+    """Families that must keep at least one channel (compress forbids emptying them)."""
+    return {f.name for f in families if f.kind == "stream" or f.name == "conv1"}
+
+
+def _writers_of(model: tnn.Module, family: Family, kind: type) -> list[Piece]:
+    mods = dict(model.named_modules())
+    return [p for p in family.writers if p.dim is not None and p.param.endswith(".weight")
+            and isinstance(mods[p.param.rsplit(".", 1)[0]], kind)]
+
+
+def _per_structure(params: dict, pieces: list[Piece], size: int, fn) -> torch.Tensor:
+    out = torch.zeros(size, dtype=torch.float64)
+    for p in pieces:
+        t = params[p.param].detach().movedim(p.dim, 0).reshape(size, -1)
+        out += fn(t).double().cpu()
+    return out
+
+
+@torch.no_grad()
+def structure_scores(method: str, model: tnn.Module, families: Sequence[Family], *,
+                     reg=None, score: str = "norm") -> dict[str, torch.Tensor]:
+    """Score of every structure of ``families`` (float64 CPU tensors; see the module docstring).
+    ``reg`` (the :class:`~nn.regularizer.SPRRegularizer`) is needed for ``score="z"``."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    params = dict(model.named_parameters())
+    out = {}
+    for f in families:
+        if method in ("spr", "bigm"):
+            w = group_weights(params, f).detach()
+            if score == "z":
+                if reg is None or f.name not in reg.M:
+                    raise ValueError(f"score='z' needs the regularizer of family {f.name!r}")
+                s = spr(w.double(), reg.a[f.name].to(w.device), reg.b[f.name].to(w.device),
+                        reg.M[f.name]).z
+            else:
+                s = w.double().norm(dim=1)
+            out[f.name] = s.cpu()
+        elif method == "slimming":
+            out[f.name] = _per_structure(params, _writers_of(model, f, tnn.BatchNorm2d), f.size,
+                                         lambda t: t.pow(2).sum(1)).sqrt()
+        elif method == "l1-filter":
+            out[f.name] = _per_structure(params, _writers_of(model, f, tnn.Conv2d), f.size,
+                                         lambda t: t.abs().sum(1))
+        else:
+            raise ValueError(f"method {method!r} has no scores; expected one of "
+                             f"{METHODS[:2] + METHODS[3:]}")
+    return out
+
+
+def removal_order(scores: dict[str, torch.Tensor], families: Sequence[Family],
+                  per_layer: bool = False) -> list[tuple[str, int]]:
+    """``(family, index)`` of every structure, first removed first (module docstring)."""
+    fams = [f for f in families if f.name in scores]
+    if not per_layer:
+        rows = [(float(scores[f.name][j]), i, j) for i, f in enumerate(fams) for j in range(f.size)]
+        return [(fams[i].name, j) for _, i, j in sorted(rows)]
+    queues = {f.name: torch.argsort(scores[f.name], stable=True).tolist() for f in fams}
+    removed = {f.name: 0 for f in fams}
+    order = []
+    for _ in range(sum(f.size for f in fams)):
+        f = min((f for f in fams if removed[f.name] < f.size),
+                key=lambda f: (removed[f.name] + 1) / f.size)
+        order.append((f.name, queues[f.name][removed[f.name]]))
+        removed[f.name] += 1
+    return order
+
+
+def cut_points(order: list[tuple[str, int]], scores: dict[str, torch.Tensor],
+               per_layer: bool = False) -> list[int]:
+    """Increasing cuts ``k`` (0 and ``len(order)`` included); with a global order only the
+    thresholds: cuts between distinct scores."""
+    if per_layer:
+        return list(range(len(order) + 1))
+    vals = [float(scores[n][j]) for n, j in order]
+    return [0] + [k for k in range(1, len(vals)) if vals[k] > vals[k - 1]] + [len(vals)]
+
+
+def threshold_of(order, scores, k: int) -> float | None:
+    """``tau`` of cut ``k``: the score of the first kept structure (None when all go: any
+    threshold above the largest score)."""
+    return float(scores[order[k][0]][order[k][1]]) if k < len(order) else None
+
+
+def prefix_masks(families: Sequence[Family], order: list[tuple[str, int]],
+                 k: int) -> dict[str, torch.Tensor]:
+    """Masks (True = keep) removing the first ``k`` structures of ``order``; a protected family
+    that would be emptied keeps its last-ordered channel."""
+    masks = {f.name: torch.ones(f.size, dtype=torch.bool) for f in families}
+    for name, j in order[:k]:
+        masks[name][j] = False
+    last = {name: j for name, j in order}
+    for name in protected(families):
+        if name in masks and not masks[name].any():
+            masks[name][last[name]] = True
+    return masks
+
+
+def bisect_largest(ok: Callable[[int], bool], lo: int, hi: int) -> int:
+    """The largest ``i`` in ``[lo, hi]`` with ``ok(i)``, given ``ok(lo)`` (not evaluated) and
+    ``ok`` monotone (True up to some index, False after).  Evaluates ``ok(hi)`` first, then
+    halves: at most ⌈log2(hi - lo)⌉ + 1 calls."""
+    if hi <= lo or ok(hi):
+        return max(lo, hi)
+    while hi - lo > 1:  # invariant: ok(lo), not ok(hi)
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def bisect_threshold(candidates: Sequence, accuracy: Callable, base: float,
+                     tolerance: float) -> tuple[int, list[dict]]:
+    """Index of the largest of the increasing ``candidates`` (thresholds or cuts) whose
+    accuracy drop ``base - accuracy(c)`` is at most ``tolerance`` (same units as the
+    accuracies), by bisection.  ``candidates[0]`` removes nothing and is taken as feasible
+    without evaluation.  Returns the index and the trace of evaluations, in call order."""
+    if not candidates:
+        raise ValueError("candidates is empty")
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
+    trace = []
+
+    def ok(i):
+        acc = float(accuracy(candidates[i]))
+        trace.append({"candidate": candidates[i], "acc": acc, "drop": base - acc,
+                      "ok": base - acc <= tolerance})
+        return trace[-1]["ok"]
+
+    return bisect_largest(ok, 0, len(candidates) - 1), trace
+
+
+def first_at_most(candidates: Sequence, value: Callable, target: float
+                  ) -> tuple[int, list[dict], bool]:
+    """Index of the first of ``candidates`` with ``value(c) <= target`` for a non-increasing
+    ``value`` (e.g. the MACs after a cut), the trace of evaluations, and whether the target was
+    reached (else the last index)."""
+    trace = []
+
+    def above(i):
+        v = value(candidates[i])
+        trace.append({"candidate": candidates[i], "value": v, "ok": v <= target})
+        return v > target
+
+    if not above(0):
+        return 0, trace, True
+    i = bisect_largest(above, 0, len(candidates) - 1)
+    if i == len(candidates) - 1:
+        return i, trace, False
+    return i + 1, trace, True
+
+
+def slimming_penalty(model: tnn.Module, families: Sequence[Family], lam: float) -> Callable:
+    """Network slimming's training term ``lam * sum |γ|`` over the BN writers of ``families``
+    (a function of the module, for ``train(extra_loss=...)``)."""
+    names = sorted({p.param for f in families for p in _writers_of(model, f, tnn.BatchNorm2d)})
+    if not names:
+        raise ValueError("no BatchNorm writers among the pruned structures")
+
+    def term(module: tnn.Module) -> torch.Tensor:
+        params = dict(module.named_parameters())
+        return lam * sum(params[n].abs().sum() for n in names)
+
+    return term
+
+
+# ---- measurements and the selection of a run ----------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, world: int = 1) -> float:
+    """Top-1 accuracy in eval mode, fp32, on the model's device (counts all-reduced over ranks
+    when ``world > 1``: pass each rank's shard).  The training flag is restored."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    counts = torch.zeros(2, dtype=torch.float64, device=dev)
+    for x, y in loader:
+        x, y = x.to(dev), y.to(dev)
+        counts += torch.stack([(model(x).argmax(1) == y).sum().double(),
+                               torch.tensor(float(len(y)), dtype=torch.float64, device=dev)])
+    if world > 1:
+        dist.all_reduce(counts)
+    model.train(was)
+    if counts[1] == 0:
+        raise ValueError("evaluation loader yielded no samples")
+    return float(counts[0] / counts[1])
+
+
+def subset_loader(bundle, n: int, batch: int, rank: int, world: int):
+    """``n`` evenly spaced training images (indices ``i N // n``: seed-free, the same on every
+    call), unaugmented, in file order; sharded over ranks, every image once."""
+    N = bundle.num_train
+    idx = torch.arange(min(n, N)) * N // min(n, N)
+    common = dict(shuffle=False, mean=bundle.mean, std=bundle.std, rank=rank, world_size=world)
+    if bundle.streaming:
+        sub = torch.utils.data.Subset(bundle.train_set, idx.tolist())
+        return StreamLoader(sub, bundle.transforms[1], batch, **common)
+    idx = idx.to(bundle.train_x.device)
+    return TensorLoader(bundle.train_x[idx], bundle.train_y[idx], batch, **common)
+
+
+def select_masks(cfg, model, fams, all_fams, reg, input_size, dense_macs, bundle, rank, world):
+    """Masks and the selection record of run configuration ``cfg`` (a
+    :class:`~nn.pipeline.PipelineConfig`) for the trained ``model``: scores, order, cuts, then
+    bisection on the accuracy of the masked model over ``cfg.bisect_images`` training images
+    (eval mode, unaugmented), or the first cut reaching ``cfg.mac_target`` (MACs counted on the
+    compressed model).  Every rank calls it (the evaluations are collective)."""
+    if cfg.method == "dense":
+        return {f.name: torch.ones(f.size, dtype=torch.bool) for f in fams}, {"rule": "none"}
+    rule = cfg.select if cfg.select != "auto" else (
+        "bisection" if cfg.method in ("spr", "bigm") else "mac-target")
+    scores = structure_scores(cfg.method, model, fams, reg=reg, score=cfg.score)
+    per_layer = cfg.method == "l1-filter"
+    order = removal_order(scores, fams, per_layer)
+    cuts = cut_points(order, scores, per_layer)
+    sel = {"rule": rule, "score": {"spr": cfg.score, "bigm": cfg.score, "slimming": "|gamma|",
+                                   "l1-filter": "L1"}[cfg.method],
+           "order": "per-layer" if per_layer else "global", "structures": len(order),
+           "candidates": len(cuts)}
+
+    def macs(k):
+        return count_macs(compress(model, prefix_masks(fams, order, k)), input_size)
+
+    if rule == "bisection":
+        sub = subset_loader(bundle, cfg.bisect_images, cfg.eval_batch_size, rank, world)
+        base = evaluate(model, sub, world)
+        i, trace = bisect_threshold(cuts, lambda k: evaluate(apply_masks(
+            model, prefix_masks(fams, order, k), all_fams), sub, world), base,
+            cfg.tolerance / 100)
+        pick = [t["acc"] for t in trace if t["candidate"] == cuts[i]]
+        sel.update(tolerance_pp=cfg.tolerance, train_subset_images=min(cfg.bisect_images,
+                   bundle.num_train), train_acc_unpruned=base,
+                   train_acc_pruned=pick[0] if pick else base)
+    else:
+        i, trace, reached = first_at_most(cuts, macs, cfg.mac_target * dense_macs)
+        prev = [t["value"] for t in trace if i and t["candidate"] == cuts[i - 1]]
+        sel.update(mac_target=cfg.mac_target, target_reached=reached,
+                   macs_previous_cut=prev[0] if prev else None)
+    k = cuts[i]
+    masks = prefix_masks(fams, order, k)
+    for t in trace:
+        t["tau"] = None if per_layer else threshold_of(order, scores, t["candidate"])
+    sel.update(cut=k, tau=None if per_layer else threshold_of(order, scores, k), trace=trace,
+               removed={n: int((~m).sum()) for n, m in masks.items()},
+               macs_at_cut=macs(k))
+    return masks, sel

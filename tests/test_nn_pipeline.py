@@ -1,0 +1,303 @@
+"""The pruning pipeline (nn.pipeline, nn.baselines, nn.report, nn.cli): every method end to end
+on tiny synthetic data, the reloaded model is what the report says, the selection rules
+(bisection, MAC target) against brute force, resume, and the command line's errors.
+ResNet-20 at width 0.25 on 8x8 images, one thread."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from nn import build_model, compress, count_macs, count_params, load_pruned, prunable_structures
+from nn.baselines import (bisect_largest, bisect_threshold, cut_points, first_at_most,
+                          prefix_masks, removal_order, structure_scores)
+from nn.cli import QUICK, main
+from nn.data import load_dataset, make_loader
+from nn.pipeline import ConfigError, PipelineConfig, evaluate, run_pipeline
+
+SYN = {"n_train": 192, "n_test": 96, "image_size": 8, "num_classes": 4}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(tmp_path, method="spr", **kw):
+    base = dict(method=method, model="resnet20", width=0.25, data="synthetic", synthetic=SYN,
+                epochs=2, finetune_epochs=1, batch_size=32, eval_batch_size=96, lr=0.05,
+                finetune_lr=0.01, lam=1.0, bisect_images=96, tolerance=5.0, mac_target=0.6,
+                slimming_lambda=1e-3, latency_batches=(1,), latency_repeats=2, progress=False,
+                device="cpu", amp="off", out=str(tmp_path / method))
+    return PipelineConfig(**(base | kw))
+
+
+def strict_json(path):
+    def no_constants(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(path.read_text(), parse_constant=no_constants)
+
+
+def _test_loader(cfg):
+    bundle = load_dataset("synthetic", seed=cfg.seed, **cfg.synthetic)
+    return make_loader(bundle, "test", cfg.eval_batch_size)
+
+
+# ---- end to end ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["spr", "bigm", "dense", "l1-filter", "slimming"])
+def test_every_method_end_to_end(tmp_path, method):
+    cfg = tiny(tmp_path, method)
+    report = run_pipeline(cfg)
+    out = tmp_path / method
+    assert strict_json(out / "report.json") == json.loads(json.dumps(report))
+    plots = {"widths.png", "training.png"} | ({"cases.png"} if method in ("spr", "bigm") else
+                                              set())
+    assert plots <= {p.split("/")[-1] for p in report["files"]["plots"]}
+    assert all((out / p).stat().st_size > 1000 for p in plots)
+
+    # the saved model, reloaded, is what the report describes
+    small = load_pruned(out / "pruned.pt")
+    acc = evaluate(small, _test_loader(cfg))
+    a = report["accuracy"]
+    assert acc == a["test_reloaded"] == a["test_final"] and a["reload_matches"]
+    c = report["complexity"]
+    assert c["pruned"] == {"macs": count_macs(small, (3, 8, 8)), "params": count_params(small)}
+    dense = build_model("resnet20", 4, 3, 0.25)
+    assert c["dense"] == {"macs": count_macs(dense, (3, 8, 8)), "params": count_params(dense)}
+    assert c["macs_ratio"] == pytest.approx(c["pruned"]["macs"] / c["dense"]["macs"])
+    assert report["config"]["method"] == method and set(report["git"]) == {"commit", "dirty"}
+    assert len(report["history"]["train"]) == 2
+    assert len(report["history"]["finetune"]) == (0 if method == "dense" else 1)
+    assert set(report["latency"]["batches"]) == {"1"}
+
+    # layer widths and blocks as the pruned module has them
+    mods = dict(small.named_modules())
+    for b in report["blocks"]:
+        s, i = b["name"].split(".")
+        kept = [blk for blk in small.spec["stages"][int(s[-1]) - 1]]
+        spec = [blk for blk in kept if blk["source"] == b["name"]][0]
+        assert spec["branch"] == b["branch"]
+        if b["branch"] == "convs":
+            prefix = f"{s}.{kept.index(spec)}"
+            assert mods[f"{prefix}.conv1"].out_channels == b["mid"][0]
+    widths = {r["name"]: r for r in report["layers"]}
+    assert widths["conv1"]["pruned"] == small.conv1.out_channels
+
+    sel = report["selection"]
+    if method == "dense":
+        assert c["macs_ratio"] == 1 and a["test_after_finetune"] is None
+        assert sel["rule"] == "none"
+    elif method in ("spr", "bigm"):
+        assert sel["rule"] == "bisection"
+        assert sel["train_acc_unpruned"] - sel["train_acc_pruned"] <= 0.05 + 1e-12
+        assert report["regularizer"]["penalty"] == method
+        assert "spr_C2" in report["history"]["train"][0]
+        assert c["pruned"]["macs"] == sel["macs_at_cut"]
+    else:
+        assert sel["rule"] == "mac-target" and sel["target_reached"]
+        target = 0.6 * c["dense"]["macs"]
+        assert c["pruned"]["macs"] <= target < sel["macs_previous_cut"]
+
+
+def test_cli_run_then_resume_skips_every_stage(tmp_path, capsys):
+    argv = ["train", "--method", "spr", "--model", "resnet20", "--width", "0.25", "--data",
+            "synthetic", "--synthetic", "n_train=128,n_test=64,image_size=8,num_classes=4",
+            "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "32", "--lam", "1",
+            "--bisect-images", "64", "--tolerance", "5", "--latency-batches", "1",
+            "--latency-repeats", "2", "--no-progress", "--device", "cpu", "--out",
+            str(tmp_path / "run")]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "test accuracy" in table and "MACs" in table and "reloaded" in table
+    run = tmp_path / "run"
+    files = [run / "train/checkpoint.pt", run / "finetune/checkpoint.pt", run / "report.json",
+             run / "pruned.pt"]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    first = strict_json(run / "report.json")
+    assert first["timings"]["ran"] == {"train": True, "select": True, "finetune": True}
+
+    assert main(argv + ["--resume"]) == 0  # complete: nothing runs, the table is printed
+    assert capsys.readouterr().out == table
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+
+    # interrupted during the report (and before fine-tuning's marker): only those redo
+    (run / "report.json").unlink()
+    (run / "finetune/done.json").unlink()
+    assert main(argv + ["--resume"]) == 0
+    again = strict_json(run / "report.json")
+    assert again["timings"]["ran"] == {"train": False, "select": False, "finetune": True}
+    assert len(again["history"]["finetune"]) == 1  # resumed after its last epoch: none re-run
+    assert [f.stat().st_mtime_ns for f in files[:2]] == stamps[:2]
+    assert again["accuracy"]["test_reloaded"] == first["accuracy"]["test_reloaded"]
+    assert again["complexity"] == first["complexity"]
+
+
+def test_out_holding_a_run_needs_resume_and_the_same_config(tmp_path):
+    cfg = tiny(tmp_path, "dense", epochs=1, latency_batches=())
+    run_pipeline(cfg)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_pipeline(cfg)
+    with pytest.raises(ConfigError, match="cannot resume .*epochs was 1, now 2"):
+        run_pipeline(tiny(tmp_path, "dense", epochs=2, resume=True, latency_batches=()))
+    assert run_pipeline(tiny(tmp_path, "dense", epochs=1, resume=True, progress=True,
+                             latency_batches=()))["method"] == "dense"
+
+
+# ---- selection rules -------------------------------------------------------------------------
+
+def test_bisection_picks_the_largest_threshold_within_tolerance():
+    taus = [0.05 * i for i in range(41)]  # 0 .. 2
+    calls = []
+
+    def acc(tau):  # smooth, decreasing: drop <= 0.02 for tau <= sqrt(0.2) = 0.447
+        calls.append(tau)
+        return 0.9 - 0.1 * tau ** 2
+
+    i, trace = bisect_threshold(taus, acc, 0.9, 0.02)
+    assert taus[i] == pytest.approx(0.45 - 0.05)  # 0.40 ok (drop 0.016), 0.45 not (0.02025)
+    assert len(calls) == len(trace) <= math.ceil(math.log2(len(taus) - 1)) + 1
+    assert all(t["ok"] == (t["drop"] <= 0.02) for t in trace)
+
+    rng = random.Random(0)
+    for _ in range(300):  # random monotone step curves against brute force
+        n = rng.randint(1, 60)
+        drops = sorted(rng.choice([0.0, 0.001, 0.004, 0.005, 0.02, 0.3]) for _ in range(n))
+        drops[0] = 0.0
+        tol = rng.choice([0.0, 0.004, 0.005, 0.01])
+        cands = sorted(rng.sample(range(1000), n))
+        i, trace = bisect_threshold(cands, lambda c: 0.8 - drops[cands.index(c)], 0.8, tol)
+        assert i == max(j for j in range(n) if 0.8 - (0.8 - drops[j]) <= tol)
+        assert len(trace) <= (math.ceil(math.log2(n - 1)) + 1 if n > 1 else 0)
+    assert bisect_threshold([1.0], lambda t: 0.0, 1.0, 0.0) == (0, [])
+    with pytest.raises(ValueError):
+        bisect_threshold([], lambda t: 1.0, 1.0, 0.1)
+
+
+def test_first_at_most_and_bisect_largest_against_brute_force():
+    rng = random.Random(1)
+    for _ in range(300):
+        n = rng.randint(1, 40)
+        vals = sorted((rng.randint(0, 30) for _ in range(n)), reverse=True)
+        target = rng.randint(-1, 31)
+        i, trace, reached = first_at_most(list(range(n)), lambda k: vals[k], target)
+        ok = [j for j in range(n) if vals[j] <= target]
+        assert reached == bool(ok) and i == (ok[0] if ok else n - 1)
+        m = rng.randint(0, n)
+        assert bisect_largest(lambda j: j < m, 0, n) == max(0, m - 1)
+
+
+@pytest.fixture(scope="module")
+def r20():
+    torch.manual_seed(0)
+    m = build_model("resnet20", 4, 3, 0.5)
+    return m, prunable_structures(m, (3, 8, 8))
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.77])
+def test_l1_filter_reaches_the_mac_target_within_one_filter(r20, target):
+    model, all_fams = r20
+    fams = [f for f in all_fams if f.kind == "filter"]
+    scores = structure_scores("l1-filter", model, fams)
+    for f in fams:  # Li et al.: L1 norm of each conv filter
+        w = dict(model.named_parameters())[f"{f.conv}.weight"]
+        torch.testing.assert_close(scores[f.name], w.detach().abs().sum((1, 2, 3)).double())
+    order = removal_order(scores, fams, per_layer=True)
+    cuts = cut_points(order, scores, per_layer=True)
+
+    def macs(k):
+        return count_macs(compress(model, prefix_masks(fams, order, k)), (3, 8, 8))
+
+    dense = macs(0)
+    i, _, reached = first_at_most(cuts, macs, target * dense)
+    k = cuts[i]
+    assert reached and macs(k) <= target * dense < macs(k - 1)
+    assert macs(k - 1) - macs(k) <= max(max(f.macs) for f in fams)  # one filter's granularity
+    masks = prefix_masks(fams, order, k)
+    frac = [1 - float(masks[f.name].float().mean()) for f in fams]
+    assert max(frac) - min(frac) <= max(1 / f.size for f in fams) + 1e-9  # uniform per layer
+    for f in fams:  # lowest L1 first within each layer
+        gone, kept = scores[f.name][~masks[f.name]], scores[f.name][masks[f.name]]
+        assert not len(gone) or not len(kept) or gone.max() <= kept.min()
+
+
+def test_global_order_masks_are_nested_and_keep_every_stream(r20):
+    model, all_fams = r20
+    fams = [f for f in all_fams if f.kind in ("filter", "stream")]
+    scores = structure_scores("spr", model, fams)
+    order = removal_order(scores, fams)
+    cuts = cut_points(order, scores)
+    assert cuts[0] == 0 and cuts[-1] == len(order) and cuts == sorted(set(cuts))
+    prev = None
+    for k in cuts[::7] + [len(order)]:
+        masks = prefix_masks(fams, order, k)
+        if prev is not None:
+            assert all(bool((masks[n] <= prev[n]).all()) for n in masks)  # nested
+        prev = masks
+    for f in fams:
+        assert int(prev[f.name].sum()) == (1 if f.kind == "stream" else 0)
+    small = compress(model, prev)  # everything removable removed: still a valid network
+    assert small.spec["widths"] == [1, 1, 1]
+    with pytest.raises(ValueError, match="has no scores"):
+        structure_scores("dense", model, fams)
+
+
+# ---- configuration and command line ----------------------------------------------------------
+
+@pytest.mark.parametrize("kw,word", [
+    ({"method": "magic"}, "method"), ({"structures": ("block",)}, "structures"),
+    ({"tolerance": 101}, "tolerance"), ({"mac_target": 0}, "mac_target"),
+    ({"synthetic": {"n_train": 8}}, "synthetic"), ({"lam": -1}, "lam"),
+    ({"epochs": 0}, "epochs"), ({"finetune_epochs": -1}, "finetune_epochs"),
+])
+def test_config_validation_names_the_bad_value(kw, word):
+    with pytest.raises(ValueError, match=word):
+        PipelineConfig(**kw)
+
+
+def test_quick_preset_is_a_valid_fashion_mnist_config():
+    cfg = PipelineConfig(**QUICK)
+    assert cfg.data == "fashion-mnist" and cfg.subset and cfg.finetune_epochs >= 1
+    assert cfg.method == "spr" and cfg.model == "resnet20"
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["prune"], ["train", "--method", "magic"], ["train", "--lr", "-1"],
+    ["train", "--lr", "nan"], ["train", "--epochs", "1.5"], ["train", "--tolerance", "200"],
+    ["train", "--mac-target", "0"], ["train", "--cost", "flops"], ["train", "--alpha", "2"],
+    ["train", "--synthetic", "size=3"], ["train", "--structures", "blocks"],
+    ["train", "--latency-batches", "1,x"], ["train", "--bogus"],
+    ["train", "--synthetic", "n_train=8"],  # needs --data synthetic: the config says no
+    ["train", "--amp", "maybe"],
+])
+def test_cli_bad_arguments_one_line_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ""
+    assert err.count("\n") == 1 and "error" in err
+
+
+def test_cli_refuses_an_out_holding_a_run_in_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "train").mkdir()  # a stage has started
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", "synthetic", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--resume" in err
+
+
+def test_pipeline_imports_neither_solvers_nor_matplotlib():
+    import subprocess
+    import sys
+
+    code = ("import sys, nn.cli, nn.pipeline, nn.report; print(' '.join(sorted("
+            "m.split('.')[0] for m in sys.modules)))")
+    mods = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                              text=True).stdout.split())
+    assert "nn" in mods and not mods & {"pyomo", "highspy", "numba", "matplotlib"}
