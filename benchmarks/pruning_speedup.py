@@ -40,7 +40,7 @@ except ImportError:  # run as a script: benchmarks/ is on sys.path
     import _common
 
 from nn import build_model, compress, count_macs, count_params, prunable_structures
-from nn.bench import VARIANTS, block_masks, clean_rounds, conv_shapes, conv_timings, \
+from nn.bench import VARIANTS, block_masks, kept_rounds, conv_shapes, conv_timings, \
     fraction_masks, inference_variant, interleaved_rounds, max_logit_diff, merge_masks, \
     padded_macs, round_masks, summarize
 
@@ -146,10 +146,7 @@ def main(argv=None):
             rounds = interleaved_rounds(fns, args.repeats, args.warmup, device)
         timing_s = time.perf_counter() - t0
     foreign = rounds["foreign_cpu"]
-    keep = clean_rounds(foreign, args.clean_threshold)
-    clean = len(keep) < len(foreign) or all(f is not None and f < args.clean_threshold
-                                            for f in foreign)
-    ms = {k: [v[i] for i in keep] for k, v in rounds["ms"].items()}
+    keep, clean, ms = kept_rounds(rounds, args.clean_threshold)
 
     convs, conv_s, conv_sum = None, None, {}
     if args.conv_table:

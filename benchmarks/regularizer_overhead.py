@@ -34,7 +34,7 @@ except ImportError:  # run as a script: benchmarks/ is on sys.path
     import _common
 
 from nn import SPRConfig, SPRRegularizer, build_model, count_params
-from nn.bench import clean_rounds, interleaved_ms, interleaved_rounds, op_profile, \
+from nn.bench import interleaved_ms, kept_rounds, interleaved_rounds, op_profile, \
     paired_ratio, regularizer_step, summarize, train_step
 
 TARGET = {"cpu": 3.0, "cuda": 1.0}
@@ -122,10 +122,7 @@ def main(argv=None):
     rounds = interleaved_rounds(steps, args.repeats, args.warmup, device)
     t_steps = time.perf_counter() - t_run
     foreign = rounds["foreign_cpu"]
-    keep = clean_rounds(foreign, args.clean_threshold)
-    clean = len(keep) < len(foreign) or all(f is not None and f < args.clean_threshold
-                                            for f in foreign)
-    step_ms = {k: [v[i] for i in keep] for k, v in rounds["ms"].items()}
+    keep, clean, step_ms = kept_rounds(rounds, args.clean_threshold)
 
     iso = {name: regularizer_step(pen) for name, pen in penalties.items()}
     iso["spr_forward_only"] = lambda: reg().detach()

@@ -121,6 +121,16 @@ def clean_rounds(foreign: list, threshold: float = 0.05, minimum: int = 5) -> li
     return idx if len(idx) >= minimum else list(range(len(foreign)))
 
 
+def kept_rounds(rounds: dict, threshold: float = 0.05) -> tuple[list[int], bool, dict]:
+    """Drop the rounds of :func:`interleaved_rounds` in which other processes used more than
+    ``threshold`` of the CPU: returns (kept round indices, whether the foreign load was
+    measured and handled, the per-variant times of the kept rounds)."""
+    foreign = rounds["foreign_cpu"]
+    keep = clean_rounds(foreign, threshold)
+    clean = len(keep) < len(foreign) or all(f is not None and f < threshold for f in foreign)
+    return keep, clean, {k: [v[i] for i in keep] for k, v in rounds["ms"].items()}
+
+
 def summarize(ms: list[float]) -> dict:
     """Median (the number to report), quartiles, mean, min, max and count of timings in ms."""
     q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3

@@ -20,12 +20,7 @@ from nn.pipeline import ConfigError, PipelineConfig, evaluate, run_pipeline
 SYN = {"n_train": 192, "n_test": 96, "image_size": 8, "num_classes": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(tmp_path, method="spr", **kw):

@@ -24,12 +24,7 @@ from nn.train import (TIMING_KEYS, TrainConfig, lr_at, load_checkpoint, make_opt
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- fixtures
