@@ -244,7 +244,7 @@ def main(argv=None):
         print(_common.table(convs, [("shape", "shape", ""), ("count", "uses", "d"),
                                     ("median_ms", "ms", ".3f"),
                                     ("gmacs_per_s", "GMAC/s", ".1f")]))
-    print(f"\nbuild+first call s: " + ", ".join(f"{k} {v:.1f}" for k, v in build_s.items())
+    print("\nbuild+first call s: " + ", ".join(f"{k} {v:.1f}" for k, v in build_s.items())
           + f"; timing {timing_s:.1f} s; total {time.perf_counter() - t_start:.1f} s")
     print(f"load average now {_common.load_average()} (before: {load_before})")
     print(f"wrote {stem.with_suffix('.json')}, {stem.with_suffix('.csv')}"
