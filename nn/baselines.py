@@ -45,7 +45,7 @@ __all__ = ["METHODS", "SCORES", "protected", "structure_scores", "removal_order"
            "threshold_of", "prefix_masks", "bisect_largest", "bisect_threshold", "first_at_most",
            "slimming_penalty", "evaluate", "subset_loader", "select_masks"]
 
-METHODS = ("spr", "bigm", "dense", "l1-filter", "slimming")
+METHODS = ("spr", "bigm", "dense", "l1-filter", "slimming", "variational")
 SCORES = ("norm", "z")
 
 

@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=_num("--weight-decay", float, 0))
     a("--schedule", choices=("cosine", "multistep", "constant"))
     a("--warmup-epochs", type=_num("--warmup-epochs", float, 0))
-    a("--lam", type=_num("--lam", float, 0), help="SPR/big-M strength lambda")
+    a("--lam", type=_num("--lam", float, 0),
+      help="SPR/big-M strength, or the variational price of the normalised expected cost "
+           "(default 4.5 for spr/bigm, 1.0 for variational)")
     a("--alpha", type=_num("--alpha", float, 0, hi=1), help="ridge share: a = lam alpha n/N")
     a("--M-scale", dest="M_scale", type=_num("--M-scale", float, 0, True))
     a("--cost", type=_cost, help="n_j: params, macs or a MAC share in [0, 1]")
@@ -136,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mac-target", type=_num("--mac-target", float, 0, True, hi=1),
       help="fraction of dense MACs to keep")
     a("--slimming-lambda", type=_num("--slimming-lambda", float, 0))
+    a("--beta", type=_num("--beta", float, 0, hi=1),
+      help="variational: params share of the cost (1 - beta: MACs)")
+    a("--gamma", type=_num("--gamma", float, 0),
+      help="variational: extra price of depth, E[blocks]/B")
+    a("--theta-lr", dest="theta_lr", type=_num("--theta-lr", float, 0, True),
+      help="variational: projected-SGD step on the gate probabilities")
+    a("--estimator", choices=("st", "reinforce"),
+      help="variational: gradient estimator, straight-through or REINFORCE (unbiased)")
+    a("--gate-warmup-epochs", dest="gate_warmup_epochs",
+      type=_num("--gate-warmup-epochs", float, 0), help="variational: epochs before theta moves")
+    a("--theta-init", dest="theta_init", type=_num("--theta-init", float, 0, True, hi=1),
+      help="variational: initial keep probability of every gate")
     a("--device", help="auto, cpu, cuda, cuda:N")
     a("--amp", choices=("auto", "on", "off", "bf16", "fp16"))
     a("--channels-last", action="store_true")

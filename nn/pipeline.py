@@ -45,6 +45,8 @@ from nn.pruned import load_pruned, save_pruned
 from nn.regularizer import SPRConfig, SPRRegularizer
 from nn.structures import prunable_structures
 from nn.surgery import compress
+from nn.variational import VariationalConfig, make_gated
+from nn.variational import hooks as variational_hooks
 from nn.train import (CHECKPOINT, TrainConfig, atomic_write, distributed_env, load_checkpoint,
                       resolve_device, seed_all, train)
 
@@ -52,6 +54,9 @@ __all__ = ["PipelineConfig", "ConfigError", "run_pipeline", "evaluate", "REPORT"
 
 log = logging.getLogger(__name__)
 REPORT, REPORT_FORMAT = "report.json", "mipprune.nn.pipeline-report/1"
+LAM_DEFAULT = {"spr": 4.5, "variational": 1.0}
+"""``lam`` when not given: SPR/big-M strength, or the variational pruner's price of the
+normalised expected cost (tuned on the ``--quick`` Fashion-MNIST run)."""
 _FREE = {"out", "resume", "progress", "threads", "device", "amp", "channels_last", "compile",
          "data_dir", "latency_batches", "latency_repeats"}  # may change on resume
 
@@ -93,7 +98,7 @@ class PipelineConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
-    lam: float = 4.5
+    lam: float | None = None
     alpha: float = 0.1
     M_scale: float = 2.0
     cost: str | float = 0.5
@@ -106,6 +111,12 @@ class PipelineConfig:
     bisect_images: int = 5000
     mac_target: float = 0.5
     slimming_lambda: float = 1e-4
+    beta: float = 0.5
+    gamma: float = 0.0
+    theta_lr: float = 0.5
+    estimator: str = "st"
+    gate_warmup_epochs: float = 1.0
+    theta_init: float = 1.0
     device: str = "auto"
     amp: str = "auto"
     channels_last: bool = False
@@ -154,7 +165,11 @@ class PipelineConfig:
         if self.synthetic is not None and (self.data != "synthetic"
                                            or not isinstance(self.synthetic, dict)):
             bad("synthetic", "a dict of make_synthetic keywords, with data='synthetic'")
-        self.spr_config()  # SPRConfig and both TrainConfigs validate the rest
+        if self.lam is None:
+            object.__setattr__(self, "lam", LAM_DEFAULT["variational" if self.method ==
+                                                       "variational" else "spr"])
+        self.spr_config()  # SPRConfig, VariationalConfig, TrainConfigs validate the rest
+        self.variational_config()
         self.train_config("train", False)
         if self.finetune_epochs:
             self.train_config("finetune", False)
@@ -169,6 +184,12 @@ class PipelineConfig:
                          kinds=self.structures, beyond_M=self.beyond_M,
                          penalty="bigm" if self.method == "bigm" else "spr")
 
+    def variational_config(self) -> VariationalConfig:
+        return VariationalConfig(lam=self.lam, beta=self.beta, gamma=self.gamma,
+                                 theta_lr=self.theta_lr, estimator=self.estimator,
+                                 warmup_epochs=self.gate_warmup_epochs,
+                                 theta_init=self.theta_init)
+
     def train_config(self, stage: str, checkpoints: bool = True) -> TrainConfig:
         """The TrainConfig of stage ``"train"`` or ``"finetune"`` (checkpoints in out/stage)."""
         ft = stage == "finetune"
@@ -180,6 +201,17 @@ class PipelineConfig:
             device=self.device, amp=self.amp, channels_last=self.channels_last,
             compile=self.compile, seed=self.seed + (1 if ft else 0),
             out_dir=str(Path(self.out) / stage) if checkpoints else None, progress=self.progress)
+
+
+def variational_selection(gated) -> tuple[dict, dict]:
+    """The variational pruner's masks: every theta rounded to 0 or 1 (``GatedResNet.round_``;
+    the rule and the counts rounded each way go into the record)."""
+    before = gated.stats()
+    info = gated.round_()
+    masks = gated.deterministic_masks()
+    return masks, {"rule": "variational", **info, "before_rounding": before,
+                   "structures": len(gated.theta),
+                   "removed": {n: int((~m).sum()) for n, m in masks.items()}}
 
 
 def _write_json(path: Path, obj) -> None:
@@ -272,8 +304,19 @@ def _run(cfg, rank, world, device):
                            world_size=world, channels_last=cfg.channels_last)
 
     test = make_loader(bundle, "test", cfg.eval_batch_size, rank=rank, world_size=world)
-    reg, hooks = None, {}
-    if cfg.method in ("spr", "bigm"):  # built on the initial weights: M from them
+    reg, hooks, trained = None, {}, model
+    if cfg.method == "variational":
+        if world > 1:
+            raise ConfigError("method variational runs in one process (its gate updates are "
+                              "not synchronised across DDP ranks yet); drop torchrun")
+        if cfg.amp == "fp16" or (cfg.amp in ("auto", "on") and device.type == "cuda"
+                                 and not torch.cuda.is_bf16_supported()):
+            raise ConfigError("method variational needs --amp bf16 or off (fp16 loss scaling "
+                              "would scale the gate gradients)")
+        trained = make_gated(model, input_size, cfg.variational_config()).to(device)
+        hooks = variational_hooks(trained, cfg.variational_config(),
+                                  len(loaders(cfg.seed)))
+    elif cfg.method in ("spr", "bigm"):  # built on the initial weights: M from them
         reg = SPRRegularizer(model, cfg.spr_config(), input_size, reference=cfg.reference)
 
         def cases(m, epoch):
@@ -293,13 +336,13 @@ def _run(cfg, rank, world, device):
     # ---- 1. regularised training -------------------------------------------------------------
     sdir = out / "train"
     if done["train"]:
-        model.load_state_dict(load_checkpoint(sdir / CHECKPOINT)["model"])
+        trained.load_state_dict(load_checkpoint(sdir / CHECKPOINT)["model"])
         stages["train"] = json.loads((sdir / "done.json").read_text()) | {"ran": False}
     else:
-        res = train(model, loaders(cfg.seed), test, cfg.train_config("train"),
+        res = train(trained, loaders(cfg.seed), test, cfg.train_config("train"),
                     resume=cfg.resume, name=f"{cfg.method} train", **hooks)
         stages["train"] = {"seconds": res.seconds, "history": res.history,
-                           "test_acc": evaluate(model, test, world), "ran": True}
+                           "test_acc": evaluate(trained, test, world), "ran": True}
         if main:
             _write_json(sdir / "done.json", stages["train"])
 
@@ -310,8 +353,11 @@ def _run(cfg, rank, world, device):
         stages["select"] = json.loads((sdir / "selection.json").read_text()) | {"ran": False}
     else:
         ts = time.perf_counter()
-        masks, sel = select_masks(cfg, model, fams, all_fams, reg, input_size, dense["macs"],
-                                  bundle, rank, world)
+        if cfg.method == "variational":
+            masks, sel = variational_selection(trained)
+        else:
+            masks, sel = select_masks(cfg, model, fams, all_fams, reg, input_size,
+                                      dense["macs"], bundle, rank, world)
         masks = _bcast(masks, world)
         sel["test_acc_pruned"] = evaluate(compress(model, masks), test, world)
         stages["select"] = sel | {"seconds": time.perf_counter() - ts, "ran": True}

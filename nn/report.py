@@ -5,7 +5,9 @@ trace, histories, timings), PNG plots (matplotlib, Agg backend) and a printable 
 Plots: ``widths.png`` (output channels of every conv before/after), ``training.png`` (accuracy,
 loss and penalty per epoch: regularised training, then fine-tuning), ``cases.png`` (share of
 SPR groups in cases C1/C2/C3 per epoch; spr and bigm only -- for bigm the cases SPR would put the
-groups in), ``selection.png`` (the bisection / MAC-target evaluations against the cut).
+groups in), ``selection.png`` (the bisection / MAC-target evaluations against the cut); variational only:
+``theta.png`` (every gate's keep probability per epoch, units and blocks) and ``gates.png``
+(expected and deterministic MACs, live units and blocks per epoch).
 """
 
 from __future__ import annotations
@@ -105,6 +107,13 @@ def build_report(cfg, *, bundle, input_size, dense_model, pruned_spec, reg, stag
     elif cfg.method == "slimming":
         regularizer = {"penalty": "slimming", "lambda": cfg.slimming_lambda,
                        "term": "lambda * sum |gamma| over the BN writers of the pruned structures"}
+    elif cfg.method == "variational":
+        regularizer = {"penalty": "variational", "lam": cfg.lam, "beta": cfg.beta,
+                       "gamma": cfg.gamma, "theta_lr": cfg.theta_lr,
+                       "estimator": cfg.estimator, "warmup_epochs": cfg.gate_warmup_epochs,
+                       "theta_init": cfg.theta_init,
+                       "R": "(1 - beta) E[MACs]/MACs0 + beta E[params]/params0 + "
+                            "gamma E[blocks]/B (exact, multilinear in theta)"}
     else:
         regularizer = None
     ratio = {k: pruned[k] / dense[k] for k in ("macs", "params")}
@@ -213,6 +222,8 @@ def write_plots(report: dict, out) -> list[str]:
         ax.legend(loc="lower left", fontsize=8)
         save(fig, "cases.png")
 
+    if tr and "theta" in tr[0]:
+        _gate_plots(tr, title, save, plt)
     sel = report["selection"]
     if sel.get("trace"):
         key = "acc" if sel["rule"] == "bisection" else "value"
@@ -234,6 +245,41 @@ def write_plots(report: dict, out) -> list[str]:
         ax.legend(fontsize=8)
         save(fig, "selection.png")
     return written
+
+
+def _gate_plots(hist: list[dict], title: str, save, plt) -> None:
+    ep = [0] + [h["epoch"] for h in hist]
+    names = list(hist[0]["theta"])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for name in names:
+        block = name.startswith("block.")
+        ax = a2 if block else a1
+        size = len(hist[0]["theta"][name])
+        for j in range(size):
+            ys = [1.0] + [h["theta"][name][j] for h in hist]
+            ax.plot(ep, ys, lw=1.2 if block else 0.5, alpha=0.9 if block else 0.35,
+                    label=name[len("block."):] if block else None)
+    a1.set(xlabel="epoch", ylabel="theta (keep probability)",
+           title=f"{title}: unit gates ({sum(len(hist[0]['theta'][n]) for n in names if not n.startswith('block.'))})")
+    a2.set(xlabel="epoch", title="block gates")
+    if any(n.startswith("block.") for n in names):
+        a2.legend(fontsize=7)
+    save(fig, "theta.png")
+
+    fig, a1 = plt.subplots(figsize=(6, 4))
+    e1 = [h["epoch"] for h in hist]
+    a1.plot(e1, [h["gates_exp_macs"] / 1e6 for h in hist], "-o", ms=3, label="E[MACs]")
+    a1.plot(e1, [h["gates_det_macs"] / 1e6 for h in hist], "--s", ms=3,
+            label="MACs of the deterministic net")
+    a1.set(xlabel="epoch", ylabel="MACs (M)", title=f"{title}: MACs over epochs")
+    a2 = a1.twinx()
+    a2.plot(e1, [h["gates_blocks_alive"] for h in hist], ":^", color="C3", ms=3,
+            label="live block gates (right)")
+    a2.set_ylabel("live block gates")
+    h1, l1 = a1.get_legend_handles_labels()
+    h2, l2 = a2.get_legend_handles_labels()
+    a1.legend(h1 + h2, l1 + l2, fontsize=7)
+    save(fig, "gates.png")
 
 
 # ---- the printed table -----------------------------------------------------------------------
@@ -283,6 +329,13 @@ def format_table(report: dict) -> str:
                      f"({'reached' if sel['target_reached'] else 'NOT reached'}), score "
                      f"{sel['score']}, {sel['order']} order: removed {sel['cut']} of "
                      f"{sel['structures']} structures")
+    elif sel.get("rule") == "variational":
+        b = sel["before_rounding"]
+        lines.append(f"selection: variational gates (lam {cfg['lam']}, beta {cfg['beta']}, "
+                     f"gamma {cfg['gamma']}, estimator {cfg['estimator']}): "
+                     f"{b['units_alive']} units and {b['blocks_alive']} block gates alive at the "
+                     f"end; rounded up {sel['rounded_up']}, down {sel['rounded_down']} "
+                     f"({sel['rule_text']})")
     else:
         lines.append("selection: none (dense)")
     blocks = report["blocks"]

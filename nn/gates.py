@@ -1,0 +1,413 @@
+"""Variational Bernoulli gates on units and residual blocks (DESIGN §6): the gated network.
+
+:class:`GatedResNet` wraps a dense :class:`~nn.models.ResNet` and puts a gate
+``xi_s ~ Bernoulli(theta_s)`` on
+
+* every **unit**: an output channel of a ``filter`` family (:mod:`nn.structures`: ``conv1`` of a
+  BasicBlock, ``conv1``/``conv2`` of a Bottleneck, the ResNet-50 stem), multiplying the channel
+  after BN + ReLU;
+* every **removable block** (identity shortcut): ``relu(x + xi_b * branch(x))``.
+
+All gates live in one flat vector ``theta`` (units family by family, then blocks; buffers, so
+checkpoints and ``--resume`` carry them).  In ``train()`` one gate pattern is sampled per forward
+pass (per mini-batch); in ``eval()`` the network is deterministic: the gates of
+:meth:`GatedResNet.deterministic_masks` (``theta >= 0.5``; a kept block keeps at least its best
+unit).  A structure is **dead** once its ``theta`` reached 0: it is never computed again (dead
+units are sliced out of the convolutions and BNs, dead blocks skipped), so training gets faster
+as it prunes.  ``pinned`` units are a family's last live unit: the unit gates never remove it
+(``theta`` held at 1); only the block gate can.
+
+**Cost** (exact, differentiable, multilinear in ``theta`` because gates are independent)::
+
+    R(theta) = (1 - beta) E[MACs] / MACs0 + beta E[params] / params0 + gamma E[blocks] / B
+
+Every parameter tensor depends on at most one unit family through its output axis, one through
+its input axis and one block, so ``E[cost of the tensor] = full * theta_b * (sum of the out
+family's theta / its size) * (same for the in family)`` (:meth:`GatedResNet.expected`); it equals
+:func:`nn.count_macs`/:func:`nn.count_params` of the compressed model at every vertex.  The
+automatic per-structure regularisation weight is ``lam * dR/dtheta_s`` (its marginal expected
+cost, recomputed every step by autograd; :meth:`GatedResNet.marginal_costs`).
+
+**Gradient estimators** of ``d E[CE] / d theta`` (``estimator``):
+
+``st``         straight-through (default, free): the forward multiplies by ``xi + theta -
+               stopgrad(theta)``, so the gradient is ``dCE/dxi`` at the sample -- biased (it
+               linearises ``CE(xi_s=1) - CE(xi_s=0)``), low variance; needs the branch of a
+               block sampled off, so it saves no compute on sampled-off gates.
+``reinforce``  score function with a moving-average baseline ``b`` (unbiased for ``0 < theta
+               < 1``): ``(CE - b) (xi - theta) / (theta (1 - theta))``; blocks sampled off are
+               skipped.  High variance with many gates.
+
+Both are checked against exact enumeration on a toy network (tests, ``benchmarks/
+gate_estimators.py``).  :mod:`nn.variational` runs the training around this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn as tnn
+
+from nn.complexity import count_macs, count_params, layer_macs
+from nn.models import ResNet
+from nn.structures import build_families, layout
+
+__all__ = ["ESTIMATORS", "GatedResNet"]
+
+ESTIMATORS = ("st", "reinforce")
+
+
+@dataclass(frozen=True)
+class _Gate:
+    """A gated family: ``name`` (its Family name), ``kind`` (``unit``/``block``), its slice
+    ``start:start+size`` of ``theta``."""
+
+    name: str
+    kind: str
+    start: int
+    size: int
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.start + self.size)
+
+
+class GatedResNet(tnn.Module):
+    """A dense ResNet with Bernoulli gates; see the module docstring.
+
+    ``net`` (kept as ``self.net``, trained in place), ``input_size`` (channels, height, width:
+    for the MAC counts), ``lam``/``beta``/``gamma`` (the cost), ``theta_init`` (every gate's
+    initial keep probability, in (0, 1]), ``estimator`` (:data:`ESTIMATORS`),
+    ``baseline_decay`` (the REINFORCE baseline's moving average).
+    """
+
+    def __init__(self, net: ResNet, input_size, *, lam: float = 1.0, beta: float = 0.0,
+                 gamma: float = 0.0, theta_init: float = 1.0, estimator: str = "st",
+                 baseline_decay: float = 0.9):
+        super().__init__()
+        if not isinstance(net, ResNet):
+            raise ValueError(f"GatedResNet wraps a dense nn.models.ResNet, got "
+                             f"{type(net).__name__}")
+        for label, v, lo, hi in (("lam", lam, 0, None), ("beta", beta, 0, 1),
+                                 ("gamma", gamma, 0, None), ("theta_init", theta_init, 0, 1),
+                                 ("baseline_decay", baseline_decay, 0, 1)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < lo or \
+                    (hi is not None and v > hi) or v != v:
+                raise ValueError(f"{label} must be a number in [{lo}, {hi or 'inf'}], got {v!r}")
+        if theta_init <= 0:
+            raise ValueError(f"theta_init must be in (0, 1], got {theta_init!r}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.net = net
+        self.lam, self.beta, self.gamma = float(lam), float(beta), float(gamma)
+        self.estimator, self.baseline_decay = estimator, float(baseline_decay)
+        self.input_size = tuple(input_size)
+        self.families = build_families(net, layer_macs(net, self.input_size))
+        self.layout = layout(net)
+        gates, start = [], 0
+        for kind, fkind in (("unit", "filter"), ("block", "block")):
+            for f in self.families:
+                if f.kind == fkind:
+                    gates.append(_Gate(f.name, kind, start, f.size))
+                    start += f.size
+        self.gates = tuple(gates)
+        self.by_name = {g.name: g for g in gates}
+        self._block_units = {}  # block gate index -> its unit gates' indices
+        for info in self.layout.blocks:
+            bg = self.by_name.get(f"block.{info.name}")
+            if bg is not None:
+                self._block_units[bg.start] = torch.cat(
+                    [torch.arange(self.by_name[c].start, self.by_name[c].start
+                                  + self.by_name[c].size) for c in info.convs[:-1]])
+        n = start
+        self.register_buffer("theta", torch.full((n,), float(theta_init)))
+        self.register_buffer("alive", torch.ones(n, dtype=torch.bool))
+        self.register_buffer("pinned", torch.zeros(n, dtype=torch.bool))
+        self.register_buffer("baseline", torch.zeros(()))
+        self.register_buffer("baseline_set", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self._build_cost_table()
+        self._leaf = None     # theta as a leaf of this step's graph (training forward)
+        self._xi = None       # this step's sample
+        self._cache = None    # (alive bytes, {family: index tensor or None})
+
+    # ---------------------------------------------------------------- the exact expected cost
+    def _build_cost_table(self) -> None:
+        """Per parameter tensor: full params, full MACs, out/in unit family, block (-1: none)."""
+        fam_index = {g.name: i for i, g in enumerate(self.gates) if g.kind == "unit"}
+        out_of, in_of, block_of = {}, {}, {}
+        for f in self.families:
+            if f.kind == "filter":
+                for p in f.writers:
+                    out_of[p.param] = fam_index[f.name]
+                for p in f.readers:
+                    in_of[p.param] = fam_index[f.name]
+            elif f.kind == "block":
+                for p in f.writers:
+                    block_of[p.param] = self.by_name[f.name].start
+        lmacs = layer_macs(self.net, self.input_size)
+        rows = []
+        for name, p in self.net.named_parameters():
+            mod = name.rsplit(".", 1)[0]
+            macs = lmacs.get(mod, 0) if name.endswith(".weight") else 0
+            rows.append((p.numel(), macs, out_of.get(name, -1), in_of.get(name, -1),
+                         block_of.get(name, -1)))
+        t = torch.tensor(rows, dtype=torch.float64)
+        self.register_buffer("_cost_full", t[:, :2].clone(), persistent=False)
+        self.register_buffer("_cost_idx", t[:, 2:].long(), persistent=False)
+        units = [g for g in self.gates if g.kind == "unit"]
+        fam_of = torch.cat([torch.full((g.size,), i) for i, g in enumerate(units)]) \
+            if units else torch.zeros(0, dtype=torch.long)
+        self.register_buffer("_fam_of", fam_of.long(), persistent=False)
+        self.register_buffer("_fam_size", torch.tensor([float(g.size) for g in units],
+                                                       dtype=torch.float64), persistent=False)
+        self.n_units = int(fam_of.numel())
+        self.n_blocks = sum(1 for g in self.gates if g.kind == "block")
+        self.dense_macs = count_macs(self.net, self.input_size)
+        self.dense_params = count_params(self.net)
+
+    def expected(self, theta: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``macs``, ``params``, ``blocks``: exact expectations under independent gates with
+        keep probabilities ``theta`` (default: the current ones; dead gates count as 0)."""
+        th = (self.theta * self.alive) if theta is None else theta
+        th = th.to(torch.float64)
+        units, blocks = th[:self.n_units], th[self.n_units:]
+        frac = torch.zeros_like(self._fam_size).index_add(0, self._fam_of, units) / self._fam_size
+        one = th.new_ones(1)
+        fam = torch.cat([frac, one])            # index -1 -> 1 (not gated)
+        blk = torch.cat([th, one])
+        out_f, in_f, b = (self._cost_idx[:, k] for k in range(3))
+        factor = fam[out_f] * fam[in_f] * blk[b]
+        full = self._cost_full
+        return {"params": (full[:, 0] * factor).sum(), "macs": (full[:, 1] * factor).sum(),
+                "blocks": blocks.sum()}
+
+    def cost(self, theta: torch.Tensor | None = None) -> torch.Tensor:
+        """``R(theta)`` (module docstring), without ``lam``."""
+        e = self.expected(theta)
+        r = (1 - self.beta) * e["macs"] / self.dense_macs + self.beta * e["params"] / \
+            self.dense_params
+        if self.gamma and self.n_blocks:
+            r = r + self.gamma * e["blocks"] / self.n_blocks
+        return r
+
+    def penalty(self) -> torch.Tensor:
+        """``lam * R`` of this step's theta (differentiable through the step's leaf): the
+        ``extra_loss`` of :func:`nn.train.train`.  Float32 on theta's device."""
+        th = self._leaf if (self._leaf is not None and self.training) else self.theta
+        return (self.lam * self.cost(th * self.alive)).float()
+
+    def marginal_costs(self) -> torch.Tensor:
+        """``lam * dR/dtheta_s`` at the current theta: the automatic regularisation weight of
+        every gate (0 for dead ones)."""
+        th = (self.theta * self.alive).detach().double().requires_grad_(True)
+        (g,) = torch.autograd.grad(self.lam * self.cost(th), th)
+        return g.float() * self.alive
+
+    # ---------------------------------------------------------------- masks
+    def deterministic_masks(self) -> dict[str, torch.Tensor]:
+        """``{family: bool mask}`` of the deterministic network: a gate is on iff it is alive and
+        ``theta >= 0.5``; a unit family left empty keeps its alive unit of largest theta (the
+        block gate, not the unit gates, removes a block)."""
+        on = (self.alive & (self.theta >= 0.5)).cpu()
+        th = torch.where(self.alive, self.theta, -1.0).cpu()
+        out = {}
+        for g in self.gates:
+            m = on[g.slice].clone()
+            if g.kind == "unit" and not m.any():
+                m[int(th[g.slice].argmax())] = True
+            out[g.name] = m
+        return out
+
+    def _indices(self):
+        """Per unit family: the alive channels (None when all are), cached until ``alive``
+        changes."""
+        key = self.alive.cpu().numpy().tobytes()
+        if self._cache is None or self._cache[0] != key:
+            alive = self.alive.cpu()
+            idx = {}
+            for g in self.gates:
+                if g.kind == "unit":
+                    a = alive[g.slice]
+                    idx[g.name] = None if bool(a.all()) else \
+                        torch.nonzero(a).flatten().to(self.theta.device)
+            self._cache = (key, idx)
+        return self._cache[1]
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x, xi: torch.Tensor | None = None):
+        """Logits.  Training: gates sampled (or ``xi``, a bool vector over all gates, forced:
+        for exact enumeration in tests); eval: the deterministic network."""
+        net = self.net
+        if self.training:
+            idx = self._indices()
+            self._leaf = self.theta.detach().clone().requires_grad_(True)
+            if xi is None:
+                xi = torch.rand_like(self.theta) < self.theta
+            elif xi.shape != self.theta.shape or xi.dtype != torch.bool:
+                raise ValueError(f"xi must be a bool tensor of shape {tuple(self.theta.shape)}, "
+                                 f"got {xi.dtype} {tuple(xi.shape)}")
+            xi = xi.to(self.theta.device) & self.alive
+            self._xi = xi
+            xf = xi.to(self.theta.dtype)
+            mult = xf + self._leaf - self._leaf.detach() if self.estimator == "st" else xf
+            # st needs every live branch (its gradient); reinforce skips the sampled-off ones
+            compute = (self.alive if self.estimator == "st" else xi).tolist()
+        else:
+            masks = self.deterministic_masks()
+            idx = {g.name: (None if bool(masks[g.name].all()) else
+                            torch.nonzero(masks[g.name]).flatten().to(self.theta.device))
+                   for g in self.gates if g.kind == "unit"}
+            mult = None
+            compute = torch.cat([masks[g.name] for g in self.gates]).tolist()
+
+        def unit_mult(h, gate, sel):
+            if mult is None:
+                return h
+            m = mult[gate.slice]
+            m = m if sel is None else m[sel]
+            return h * m.to(h.dtype)[None, :, None, None]
+
+        stem = self.by_name.get("conv1")
+        h = net.relu(net.bn1(net.conv1(x)))
+        if stem is not None:  # ResNet-50 stem filters: multiplied, never sliced
+            m = mult[stem.slice] if mult is not None else masks["conv1"]
+            h = h * m.to(device=h.device, dtype=h.dtype)[None, :, None, None]
+        h = net.maxpool(h)
+        modules = dict(net.named_modules())
+        for info in self.layout.blocks:
+            blk = modules[info.name]
+            bgate = self.by_name.get(f"block.{info.name}")
+            if bgate is not None and not compute[bgate.start]:
+                continue  # identity shortcut, input is a ReLU output: relu(x + 0) = x
+            idn = h if blk.downsample is None else blk.downsample(h)
+            out, prev = h, None
+            k = len(info.convs)
+            for i in range(k):
+                conv, bn = modules[info.convs[i]], modules[info.bns[i]]
+                gate = self.by_name.get(info.convs[i]) if i < k - 1 else None
+                sel = idx[gate.name] if gate is not None else None
+                w = conv.weight
+                if sel is not None:
+                    w = w.index_select(0, sel)
+                if prev is not None:
+                    w = w.index_select(1, prev)
+                out = F.conv2d(out, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+                out = bn(out) if sel is None else _sliced_bn(bn, out, sel)
+                if i < k - 1:
+                    out = unit_mult(F.relu(out), gate, sel)
+                prev = sel
+            if bgate is not None and mult is not None:
+                out = out * mult[bgate.start].to(out.dtype)
+            h = F.relu(out + idn)
+        return net.fc(torch.flatten(net.avgpool(h), 1))
+
+    # ---------------------------------------------------------------- gradient and update
+    def theta_gradient(self, ce: torch.Tensor) -> torch.Tensor:
+        """The step's gradient estimate w.r.t. theta, after ``backward()`` of a loss that
+        contained ``ce`` (this step's cross-entropy, detached) and possibly :meth:`penalty`:
+        the leaf's gradient (straight-through and the exact cost part) plus, for ``reinforce``,
+        ``(ce - baseline) * score``.  Updates the REINFORCE baseline."""
+        if self._leaf is None:
+            raise RuntimeError("theta_gradient needs a training-mode forward pass first")
+        g = self._leaf.grad
+        g = torch.zeros_like(self.theta) if g is None else g.detach().clone()
+        if self.estimator == "reinforce":
+            th, xi = self.theta, self._xi.to(self.theta.dtype)
+            inner = (th > 0) & (th < 1) & self.alive
+            score = torch.where(inner, (xi - th) / (th * (1 - th)).clamp_min(1e-12),
+                                torch.zeros_like(th))
+            ce = ce.detach().to(th.dtype)
+            base = torch.where(self.baseline_set, self.baseline, ce)
+            g = g + (ce - base) * score
+            with torch.no_grad():
+                self.baseline.copy_(self.baseline_decay * base + (1 - self.baseline_decay) * ce)
+                self.baseline_set.fill_(True)
+        return g
+
+    @torch.no_grad()
+    def step_theta(self, grad: torch.Tensor, lr: float) -> int:
+        """Projected SGD: ``theta <- clip(theta - lr grad, 0, 1)`` on live, unpinned gates; a
+        gate reaching 0 dies for good, except a unit family's last live unit, which is pinned
+        at 1.  Returns the number of gates that died."""
+        free = self.alive & ~self.pinned
+        new = torch.where(free, (self.theta - lr * grad).clamp(0.0, 1.0), self.theta)
+        dying = free & (new <= 0)
+        died = 0
+        if bool(dying.any()):
+            d = dying.cpu()
+            alive = self.alive.cpu()
+            for g in self.gates:
+                if g.kind != "unit" or not d[g.slice].any():
+                    continue
+                left = alive[g.slice] & ~d[g.slice]
+                if not left.any():  # keep the unit with the largest theta before the step
+                    th = torch.where(alive[g.slice], self.theta[g.slice].cpu(), -1.0)
+                    j = g.start + int(th.argmax())
+                    d[j] = False
+                    self.pinned[j] = True
+                    new[j] = 1.0
+            dying = d.to(self.alive.device)
+            died = int(d.sum())
+        self.alive &= ~dying
+        for b, units in self._block_units.items():  # a dead block's units go with it
+            if not bool(self.alive[b]) and bool(self.alive[units].any()):
+                self.alive[units] = False
+        self.theta.copy_(torch.where(self.alive, new, torch.zeros_like(new)))
+        return died
+
+    @torch.no_grad()
+    def round_(self) -> dict:
+        """Make every gate deterministic: ``theta <- 1`` where :meth:`deterministic_masks` keeps
+        it, else 0 (and dead).  Returns how many gates were rounded up and down from strictly
+        between 0 and 1."""
+        masks = self.deterministic_masks()
+        keep = torch.cat([masks[g.name] for g in self.gates]).to(self.theta.device)
+        frac = (self.theta > 0) & (self.theta < 1) & self.alive
+        info = {"rounded_up": int((frac & keep).sum()), "rounded_down": int((frac & ~keep).sum()),
+                "rule_text": "theta >= 0.5 kept; a kept block's empty unit family keeps its "
+                        "largest-theta unit"}
+        self.theta.copy_(keep.to(self.theta.dtype))
+        self.alive &= keep
+        return info
+
+    def stats(self) -> dict:
+        """Per-epoch numbers: expected MACs/params/blocks, MACs/params of the deterministic
+        network, live units and blocks, mean theta of live gates."""
+        with torch.no_grad():
+            e = self.expected()
+            masks = self.deterministic_masks()
+            keep = torch.cat([masks[g.name] for g in self.gates]).to(self.theta)
+            d = self.expected(keep)
+            a = self.alive
+            nu = self.n_units
+            return {"exp_macs": float(e["macs"]), "exp_params": float(e["params"]),
+                    "exp_blocks": float(e["blocks"]), "det_macs": float(d["macs"]),
+                    "det_params": float(d["params"]), "det_blocks": float(d["blocks"]),
+                    "units_alive": int(a[:nu].sum()), "blocks_alive": int(a[nu:].sum()),
+                    "theta_mean": float(self.theta[a].mean()) if bool(a.any()) else 0.0,
+                    "cost": float(self.cost())}
+
+    def theta_by_family(self) -> dict[str, list[float]]:
+        return {g.name: [round(float(v), 5) for v in self.theta[g.slice].tolist()]
+                for g in self.gates}
+
+
+def _sliced_bn(bn: tnn.BatchNorm2d, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``bn`` restricted to channels ``idx``: in training its running statistics of those
+    channels are updated (written back), exactly as the full BN would update them."""
+    w, b = bn.weight.index_select(0, idx), bn.bias.index_select(0, idx)
+    rm, rv = bn.running_mean.index_select(0, idx), bn.running_var.index_select(0, idx)
+    if not bn.training:
+        return F.batch_norm(x, rm, rv, w, b, False, 0.0, bn.eps)
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum if bn.momentum is not None else \
+        1.0 / float(bn.num_batches_tracked)
+    out = F.batch_norm(x, rm, rv, w, b, True, momentum, bn.eps)
+    with torch.no_grad():
+        bn.running_mean.index_copy_(0, idx, rm)
+        bn.running_var.index_copy_(0, idx, rv)
+    return out

@@ -1,0 +1,88 @@
+"""Training the variational Bernoulli pruner (DESIGN §6) with :func:`nn.train.train`.
+
+    gated = GatedResNet(model, input_size, lam=1.0, beta=0.5, gamma=0.0)
+    cfg = VariationalConfig(theta_lr=0.5, warmup_epochs=1)
+    train(gated, train_loader, test_loader, TrainConfig(...), **hooks(gated, cfg, len(loader)))
+    info = gated.round_()                     # every theta 0 or 1
+    small = compress(gated.net, gated.deterministic_masks())
+
+Each step: the network weights follow the usual SGD on ``CE + lam R(theta)`` (R does not
+depend on them); ``theta`` follows projected SGD with its own learning rate ``theta_lr`` on the
+estimated ``dE[CE]/dtheta + lam dR/dtheta`` (:meth:`GatedResNet.theta_gradient`,
+:meth:`GatedResNet.step_theta`), after ``warmup_epochs`` in which it does not move (the
+weights first learn something worth keeping).  Per epoch the metrics carry the expected and
+deterministic MACs/params/blocks, live units and blocks, and every theta (for the plots).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from nn.gates import ESTIMATORS, GatedResNet
+
+__all__ = ["VariationalConfig", "hooks", "make_gated"]
+
+
+@dataclass(frozen=True)
+class VariationalConfig:
+    """The pruner's settings.  ``lam``, ``beta``, ``gamma``: the three user parameters (DESIGN
+    §6); ``theta_lr``: projected-SGD step on theta; ``estimator``: :data:`nn.gates.ESTIMATORS`;
+    ``warmup_epochs``: epochs (may be fractional) before theta moves; ``theta_init``: initial
+    keep probability of every gate."""
+
+    lam: float = 1.0
+    beta: float = 0.5
+    gamma: float = 0.0
+    theta_lr: float = 0.5
+    estimator: str = "st"
+    warmup_epochs: float = 1.0
+    theta_init: float = 1.0
+
+    def __post_init__(self):
+        for name, lo, hi in (("lam", 0, math.inf), ("beta", 0, 1), ("gamma", 0, math.inf),
+                             ("theta_lr", 0, math.inf), ("warmup_epochs", 0, math.inf),
+                             ("theta_init", 0, 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi \
+                    or not math.isfinite(v) or (name in ("theta_lr", "theta_init") and v == 0):
+                raise ValueError(f"{name} must be a number in [{lo}, {hi}]"
+                                 f"{' and > 0' if name in ('theta_lr', 'theta_init') else ''}, "
+                                 f"got {v!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_gated(model, input_size, cfg: VariationalConfig) -> GatedResNet:
+    """``model`` (a dense ResNet, trained in place) wrapped with gates configured by ``cfg``."""
+    return GatedResNet(model, input_size, lam=cfg.lam, beta=cfg.beta, gamma=cfg.gamma,
+                       theta_init=cfg.theta_init, estimator=cfg.estimator)
+
+
+def hooks(gated: GatedResNet, cfg: VariationalConfig, steps_per_epoch: int) -> dict:
+    """``extra_loss``, ``after_backward`` and ``epoch_metrics`` for :func:`nn.train.train`.
+    The step counter lives in the gated module (a buffer), so a resumed run keeps its
+    warm-up position."""
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    counts = {"died": 0}
+
+    def after_backward(m: GatedResNet, ce: torch.Tensor) -> None:
+        g = m.theta_gradient(ce)
+        if int(m.steps) >= warmup:
+            counts["died"] += m.step_theta(g, cfg.theta_lr)
+        m.steps += 1
+
+    def epoch_metrics(m: GatedResNet, epoch: int) -> dict:
+        out = {f"gates_{k}": v for k, v in m.stats().items()}
+        out["gates_died"] = counts["died"]
+        counts["died"] = 0
+        out["theta"] = m.theta_by_family()
+        return out
+
+    return dict(extra_loss=lambda m: m.penalty(), after_backward=after_backward,
+                epoch_metrics=epoch_metrics)
