@@ -1,9 +1,12 @@
 """One pruning run, as resumable stages under ``out/``:
 
     1 train      regularised training from random init (spr, bigm: the penalty of
-                 nn.regularizer; slimming: L1 on BN γ; dense, l1-filter: plain)   out/train/
+                 nn.regularizer; slimming: L1 on BN γ; dense, l1-filter: plain;
+                 variational: the gated network of nn.gates, pruning as it trains) out/train/
     2 select     scores -> removal order -> cut by bisection on the training-accuracy
-                 drop or by a MAC target (nn.baselines); masks; compress           out/select/
+                 drop or by a MAC target (nn.baselines); variational: every theta
+                 rounded to 0/1 and the BN statistics of that network recomputed on
+                 ``bisect_images`` unaugmented training images; masks; compress  out/select/
     3 finetune   the physically pruned model trained without any penalty          out/finetune/
     4 report     save_pruned, test accuracy of the saved model reloaded, MACs and
                  params counted on it, latency, layer widths, plots (nn.report)   out/report.json
@@ -37,7 +40,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nn.baselines import METHODS, SCORES, evaluate, select_masks, slimming_penalty
+from nn.baselines import (METHODS, SCORES, evaluate, select_masks, slimming_penalty,
+                          subset_loader)
 from nn.complexity import count_macs, count_params, measure_latency
 from nn.data import DATASETS, load_dataset, make_loader
 from nn.models import MODELS, build_model
@@ -45,7 +49,7 @@ from nn.pruned import load_pruned, save_pruned
 from nn.regularizer import SPRConfig, SPRRegularizer
 from nn.structures import prunable_structures
 from nn.surgery import compress
-from nn.variational import VariationalConfig, make_gated
+from nn.variational import VariationalConfig, make_gated, recalibrate_bn
 from nn.variational import hooks as variational_hooks
 from nn.train import (CHECKPOINT, TrainConfig, atomic_write, distributed_env, load_checkpoint,
                       resolve_device, seed_all, train)
@@ -113,7 +117,7 @@ class PipelineConfig:
     slimming_lambda: float = 1e-4
     beta: float = 0.5
     gamma: float = 0.0
-    theta_lr: float = 0.5
+    theta_lr: float = 0.005
     estimator: str = "st"
     gate_warmup_epochs: float = 1.0
     theta_init: float = 1.0
@@ -203,14 +207,16 @@ class PipelineConfig:
             out_dir=str(Path(self.out) / stage) if checkpoints else None, progress=self.progress)
 
 
-def variational_selection(gated) -> tuple[dict, dict]:
+def variational_selection(gated, calibration) -> tuple[dict, dict]:
     """The variational pruner's masks: every theta rounded to 0 or 1 (``GatedResNet.round_``;
-    the rule and the counts rounded each way go into the record)."""
+    the rule and the counts rounded each way go into the record), then the BN statistics of
+    that deterministic network recomputed on ``calibration`` (unaugmented training images)."""
     before = gated.stats()
     info = gated.round_()
     masks = gated.deterministic_masks()
+    batches = recalibrate_bn(gated, calibration)
     return masks, {"rule": "variational", **info, "before_rounding": before,
-                   "structures": len(gated.theta),
+                   "structures": len(gated.theta), "bn_recalibration_batches": batches,
                    "removed": {n: int((~m).sum()) for n, m in masks.items()}}
 
 
@@ -354,7 +360,8 @@ def _run(cfg, rank, world, device):
     else:
         ts = time.perf_counter()
         if cfg.method == "variational":
-            masks, sel = variational_selection(trained)
+            masks, sel = variational_selection(trained, subset_loader(
+                bundle, cfg.bisect_images, cfg.eval_batch_size, rank, world))
         else:
             masks, sel = select_masks(cfg, model, fams, all_fams, reg, input_size,
                                       dense["macs"], bundle, rank, world)

@@ -1,7 +1,7 @@
 """Training the variational Bernoulli pruner (DESIGN §6) with :func:`nn.train.train`.
 
     gated = GatedResNet(model, input_size, lam=1.0, beta=0.5, gamma=0.0)
-    cfg = VariationalConfig(theta_lr=0.5, warmup_epochs=1)
+    cfg = VariationalConfig(theta_lr=0.005, warmup_epochs=1)
     train(gated, train_loader, test_loader, TrainConfig(...), **hooks(gated, cfg, len(loader)))
     info = gated.round_()                     # every theta 0 or 1
     small = compress(gated.net, gated.deterministic_masks())
@@ -23,7 +23,7 @@ import torch
 
 from nn.gates import ESTIMATORS, GatedResNet
 
-__all__ = ["VariationalConfig", "hooks", "make_gated"]
+__all__ = ["VariationalConfig", "hooks", "make_gated", "recalibrate_bn"]
 
 
 @dataclass(frozen=True)
@@ -31,15 +31,17 @@ class VariationalConfig:
     """The pruner's settings.  ``lam``, ``beta``, ``gamma``: the three user parameters (DESIGN
     §6); ``theta_lr``: projected-SGD step on theta; ``estimator``: :data:`nn.gates.ESTIMATORS`;
     ``warmup_epochs``: epochs (may be fractional) before theta moves; ``theta_init``: initial
-    keep probability of every gate."""
+    keep probability of every gate; ``precondition``: divide each gate's step by its marginal
+    cost at theta = 1 (:meth:`GatedResNet.step_theta` says why)."""
 
     lam: float = 1.0
     beta: float = 0.5
     gamma: float = 0.0
-    theta_lr: float = 0.5
+    theta_lr: float = 0.005
     estimator: str = "st"
     warmup_epochs: float = 1.0
     theta_init: float = 1.0
+    precondition: bool = True
 
     def __post_init__(self):
         for name, lo, hi in (("lam", 0, math.inf), ("beta", 0, 1), ("gamma", 0, math.inf),
@@ -51,6 +53,8 @@ class VariationalConfig:
                 raise ValueError(f"{name} must be a number in [{lo}, {hi}]"
                                  f"{' and > 0' if name in ('theta_lr', 'theta_init') else ''}, "
                                  f"got {v!r}")
+        if not isinstance(self.precondition, bool):
+            raise ValueError(f"precondition must be a bool, got {self.precondition!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
 
@@ -74,7 +78,7 @@ def hooks(gated: GatedResNet, cfg: VariationalConfig, steps_per_epoch: int) -> d
     def after_backward(m: GatedResNet, ce: torch.Tensor) -> None:
         g = m.theta_gradient(ce)
         if int(m.steps) >= warmup:
-            counts["died"] += m.step_theta(g, cfg.theta_lr)
+            counts["died"] += m.step_theta(g, cfg.theta_lr, cfg.precondition)
         m.steps += 1
 
     def epoch_metrics(m: GatedResNet, epoch: int) -> dict:
@@ -86,3 +90,31 @@ def hooks(gated: GatedResNet, cfg: VariationalConfig, steps_per_epoch: int) -> d
 
     return dict(extra_loss=lambda m: m.penalty(), after_backward=after_backward,
                 epoch_metrics=epoch_metrics)
+
+
+@torch.no_grad()
+def recalibrate_bn(module: torch.nn.Module, loader, max_batches: int | None = None) -> int:
+    """Recompute every BatchNorm's running statistics as the plain average over ``loader``'s
+    batches (``momentum=None``), the module in train mode (for a rounded GatedResNet that is
+    the deterministic network).  Training with sampled gates leaves statistics of networks
+    with some units off; the rounded network needs its own.  Returns the batches used."""
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    was_training = module.training
+    device = next(module.parameters()).device
+    n = 0
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        module.train()
+        for x, _ in loader:
+            module(x.to(device))
+            n += 1
+            if max_batches is not None and n >= max_batches:
+                break
+    finally:
+        for m, (mom, tr) in zip(bns, saved):
+            m.momentum = mom
+        module.train(was_training)
+    return n

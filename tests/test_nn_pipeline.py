@@ -45,14 +45,18 @@ def _test_loader(cfg):
 
 # ---- end to end ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["spr", "bigm", "dense", "l1-filter", "slimming"])
+@pytest.mark.parametrize("method", ["spr", "bigm", "dense", "l1-filter", "slimming",
+                                    "variational"])
 def test_every_method_end_to_end(tmp_path, method):
-    cfg = tiny(tmp_path, method)
+    extra = dict(lam=3.0, theta_lr=0.05, gate_warmup_epochs=0.5) if method == "variational" \
+        else {}
+    cfg = tiny(tmp_path, method, **extra)
     report = run_pipeline(cfg)
     out = tmp_path / method
     assert strict_json(out / "report.json") == json.loads(json.dumps(report))
     plots = {"widths.png", "training.png"} | ({"cases.png"} if method in ("spr", "bigm") else
-                                              set())
+                                              {"theta.png", "gates.png"}
+                                              if method == "variational" else set())
     assert plots <= {p.split("/")[-1] for p in report["files"]["plots"]}
     assert all((out / p).stat().st_size > 1000 for p in plots)
 
@@ -76,7 +80,11 @@ def test_every_method_end_to_end(tmp_path, method):
     for b in report["blocks"]:
         s, i = b["name"].split(".")
         kept = [blk for blk in small.spec["stages"][int(s[-1]) - 1]]
-        spec = [blk for blk in kept if blk["source"] == b["name"]][0]
+        spec = [blk for blk in kept if blk["source"] == b["name"]]
+        assert (b["branch"] == "removed") == (not spec)
+        if not spec:
+            continue
+        spec = spec[0]
         assert spec["branch"] == b["branch"]
         if b["branch"] == "convs":
             prefix = f"{s}.{kept.index(spec)}"
@@ -94,6 +102,17 @@ def test_every_method_end_to_end(tmp_path, method):
         assert report["regularizer"]["penalty"] == method
         assert "spr_C2" in report["history"]["train"][0]
         assert c["pruned"]["macs"] == sel["macs_at_cut"]
+    elif method == "variational":
+        assert sel["rule"] == "variational" and report["regularizer"]["lam"] == 3.0
+        hist = report["history"]["train"]
+        assert len(hist[-1]["theta"]) == len(hist[0]["theta"]) > 0
+        # pruning happened during training, the network before surgery is the rounded one
+        assert hist[-1]["gates_units_alive"] < hist[0]["gates_units_alive"] or \
+            hist[-1]["gates_blocks_alive"] < hist[0]["gates_blocks_alive"]
+        assert sel["bn_recalibration_batches"] == 1  # 96 images, eval batch 96
+        assert sel["rounded_up"] + sel["rounded_down"] <= sel["structures"]
+        assert c["pruned"]["macs"] == sel["before_rounding"]["det_macs"]
+        assert c["pruned"]["macs"] < c["dense"]["macs"]
     else:
         assert sel["rule"] == "mac-target" and sel["target_reached"]
         target = 0.6 * c["dense"]["macs"]
@@ -249,6 +268,8 @@ def test_global_order_masks_are_nested_and_keep_every_stream(r20):
     ({"tolerance": 101}, "tolerance"), ({"mac_target": 0}, "mac_target"),
     ({"synthetic": {"n_train": 8}}, "synthetic"), ({"lam": -1}, "lam"),
     ({"epochs": 0}, "epochs"), ({"finetune_epochs": -1}, "finetune_epochs"),
+    ({"beta": 1.5}, "beta"), ({"gamma": -1}, "gamma"), ({"theta_lr": 0}, "theta_lr"),
+    ({"estimator": "magic"}, "estimator"), ({"theta_init": 0}, "theta_init"),
 ])
 def test_config_validation_names_the_bad_value(kw, word):
     with pytest.raises(ValueError, match=word):
@@ -268,7 +289,8 @@ def test_quick_preset_is_a_valid_fashion_mnist_config():
     ["train", "--synthetic", "size=3"], ["train", "--structures", "blocks"],
     ["train", "--latency-batches", "1,x"], ["train", "--bogus"],
     ["train", "--synthetic", "n_train=8"],  # needs --data synthetic: the config says no
-    ["train", "--amp", "maybe"],
+    ["train", "--amp", "maybe"], ["train", "--beta", "2"], ["train", "--estimator", "x"],
+    ["train", "--theta-lr", "0"], ["train", "--gamma", "-1"],
 ])
 def test_cli_bad_arguments_one_line_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
