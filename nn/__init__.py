@@ -1,5 +1,5 @@
-"""mipprune's torch layer: the SPR regularizer, ResNets, prunable structures, surgery, complexity,
-data loading and the training loop.
+"""mipprune's torch layer: the SPR regularizer, the variational Bernoulli gates, ResNets, prunable
+structures, surgery, complexity, data loading and the training loop.
 
 The training function is ``nn.train.train``: it is not re-exported here because a package
 attribute named ``train`` would shadow the submodule (``import nn.train as t`` would then give
@@ -16,6 +16,8 @@ from nn.pruned import PrunedResNet, load_pruned, save_pruned
 from nn.regularizer import SPRConfig, SPRRegularizer, bigm_penalty, spr_penalty
 from nn.structures import Family, Piece, full_masks, group_weights, prunable_structures
 from nn.surgery import apply_masks, apply_masks_, check_masks, compress
+from nn.gates import GatedResNet
+from nn.variational import VariationalConfig
 
 __all__ = [
     "MODELS", "ResNet", "build_model",
@@ -26,5 +28,5 @@ __all__ = [
     "spr_penalty", "bigm_penalty", "SPRConfig", "SPRRegularizer",
     "DATASETS", "DataBundle", "TensorLoader", "load_dataset", "make_loader",
     "TrainConfig", "TrainResult", "lr_at", "distributed_env", "unwrap",
-    "PipelineConfig", "run_pipeline",
+    "PipelineConfig", "run_pipeline", "GatedResNet", "VariationalConfig",
 ]

@@ -114,6 +114,7 @@ class GatedResNet(tnn.Module):
         self.input_size = tuple(input_size)
         self.families = build_families(net, layer_macs(net, self.input_size))
         self.layout = layout(net)
+        self._modules_by_name = dict(net.named_modules())  # a plain dict: not registered
         gates, start = [], 0
         for kind, fkind in (("unit", "filter"), ("block", "block")):
             for f in self.families:
@@ -286,7 +287,7 @@ class GatedResNet(tnn.Module):
         if stem is not None:  # ResNet-50 stem filters: multiplied, never sliced
             h = h * mult[stem.slice].to(h.dtype)[None, :, None, None]
         h = net.maxpool(h)
-        modules = dict(net.named_modules())
+        modules = self._modules_by_name
         for info in self.layout.blocks:
             blk = modules[info.name]
             bgate = self.by_name.get(f"block.{info.name}")
