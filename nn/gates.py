@@ -399,17 +399,20 @@ class GatedResNet(tnn.Module):
 
     def stats(self) -> dict:
         """Per-epoch numbers: expected MACs/params/blocks, MACs/params of the deterministic
-        network, live units and blocks, mean theta of live gates."""
+        network, MACs of the live network (what a training step computes: every structure not
+        yet dead), live units and blocks, mean theta of live gates."""
         with torch.no_grad():
             e = self.expected()
             masks = self.deterministic_masks()
             keep = torch.cat([masks[g.name] for g in self.gates]).to(self.theta)
             d = self.expected(keep)
             a = self.alive
+            live = self.expected(a.to(self.theta.dtype))
             nu = self.n_units
             return {"exp_macs": float(e["macs"]), "exp_params": float(e["params"]),
                     "exp_blocks": float(e["blocks"]), "det_macs": float(d["macs"]),
                     "det_params": float(d["params"]), "det_blocks": float(d["blocks"]),
+                    "live_macs": float(live["macs"]),
                     "units_alive": int(a[:nu].sum()), "blocks_alive": int(a[nu:].sum()),
                     "theta_mean": float(self.theta[a].mean()) if bool(a.any()) else 0.0,
                     "cost": float(self.cost())}
