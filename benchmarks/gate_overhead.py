@@ -49,7 +49,7 @@ def gated_step(gated: GatedResNet, opt, x, y, after_backward):
         ce = F.cross_entropy(gated(x), y)
         loss = ce + gated.penalty()
         loss.backward()
-        after_backward(gated, ce.detach())
+        after_backward(gated, ce.detach(), x, y)
         opt.step()
         return loss.detach()
 
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--units", type=float, default=0.5, help="share of units killed")
     p.add_argument("--blocks", type=float, default=1 / 3, help="share of blocks killed")
-    p.add_argument("--estimator", default="st", choices=("st", "reinforce"))
+    p.add_argument("--estimator", default="st", choices=("st", "reinforce", "flip"))
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)

@@ -44,7 +44,16 @@ cost, recomputed every step by autograd; :meth:`GatedResNet.marginal_costs`).
                1/sqrt(eps) on that step (``benchmarks/gate_estimators.py`` shows the spread).
 ``reinforce``  score function with a moving-average baseline ``b`` (unbiased for ``0 < theta
                < 1``): ``(CE - b) (xi - theta) / (theta (1 - theta))``; blocks sampled off are
-               skipped.  High variance with many gates.
+               skipped.  High variance with many gates: one needed gate sampled off moves the
+               CE of the step, and that lands on every other gate's estimate.
+``flip``       the exact conditional difference on the step's batch, ``CE(xi_s = 1, xi_-s) -
+               CE(xi_s = 0, xi_-s)`` with the other gates as sampled: unbiased at every theta
+               (E[CE] is multilinear) and free of other gates' noise, at one extra forward
+               pass (no grad, BN statistics frozen) per gate flipped: every live block, and
+               every live unit or ``flip_units`` of them drawn at random, their estimates
+               scaled by (live units / flip_units) to stay unbiased.  The default in
+               spirit -- ``st`` and ``reinforce`` fail the planted-structure test (module
+               ``tests/test_nn_planted.py``) -- but it costs ``1 + flips`` forwards a step.
 
 Both are checked against exact enumeration on a toy network (tests, ``benchmarks/
 gate_estimators.py``).  :mod:`nn.variational` runs the training around this module.
@@ -64,7 +73,7 @@ from nn.structures import build_families, layout
 
 __all__ = ["ESTIMATORS", "GatedResNet"]
 
-ESTIMATORS = ("st", "reinforce")
+ESTIMATORS = ("st", "reinforce", "flip")
 
 
 @dataclass(frozen=True)
@@ -88,12 +97,13 @@ class GatedResNet(tnn.Module):
     ``net`` (kept as ``self.net``, trained in place), ``input_size`` (channels, height, width:
     for the MAC counts), ``lam``/``beta``/``gamma`` (the cost), ``theta_init`` (every gate's
     initial keep probability, in (0, 1]), ``estimator`` (:data:`ESTIMATORS`),
-    ``baseline_decay`` (the REINFORCE baseline's moving average).
+    ``baseline_decay`` (the REINFORCE baseline's moving average), ``flip_units`` (unit gates
+    flipped per step by the ``flip`` estimator; None: all).
     """
 
     def __init__(self, net: ResNet, input_size, *, lam: float = 1.0, beta: float = 0.0,
                  gamma: float = 0.0, theta_init: float = 1.0, estimator: str = "st",
-                 baseline_decay: float = 0.9):
+                 baseline_decay: float = 0.9, flip_units: int | None = None):
         super().__init__()
         if not isinstance(net, ResNet):
             raise ValueError(f"GatedResNet wraps a dense nn.models.ResNet, got "
@@ -108,6 +118,9 @@ class GatedResNet(tnn.Module):
             raise ValueError(f"theta_init must be in (0, 1], got {theta_init!r}")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if flip_units is not None and (not isinstance(flip_units, int) or flip_units < 1):
+            raise ValueError(f"flip_units must be None or an int >= 1, got {flip_units!r}")
+        self.flip_units = flip_units
         self.net = net
         self.lam, self.beta, self.gamma = float(lam), float(beta), float(gamma)
         self.estimator, self.baseline_decay = estimator, float(baseline_decay)
@@ -270,7 +283,7 @@ class GatedResNet(tnn.Module):
             self._xi = xi
             xf = xi.to(self.theta.dtype)
             mult = xf + self._leaf - self._leaf.detach() if self.estimator == "st" else xf
-            # st needs every live branch (its gradient); reinforce skips the sampled-off ones
+            # st needs every live branch (its gradient); the others skip the sampled-off ones
             compute = (self.alive if self.estimator == "st" else xi).tolist()
         else:  # mean field: every live gate scaled by theta (exactly the 0/1 net at vertices)
             idx = self._indices()
@@ -316,15 +329,20 @@ class GatedResNet(tnn.Module):
         return net.fc(torch.flatten(net.avgpool(h), 1))
 
     # ---------------------------------------------------------------- gradient and update
-    def theta_gradient(self, ce: torch.Tensor) -> torch.Tensor:
+    def theta_gradient(self, ce: torch.Tensor, batch=None) -> torch.Tensor:
         """The step's gradient estimate w.r.t. theta, after ``backward()`` of a loss that
         contained ``ce`` (this step's cross-entropy, detached) and possibly :meth:`penalty`:
         the leaf's gradient (straight-through and the exact cost part) plus, for ``reinforce``,
-        ``(ce - baseline) * score``.  Updates the REINFORCE baseline."""
+        ``(ce - baseline) * score`` (the baseline is updated), for ``flip`` the conditional
+        differences on ``batch`` (``(x, y)``, the step's; required)."""
         if self._leaf is None:
             raise RuntimeError("theta_gradient needs a training-mode forward pass first")
         g = self._leaf.grad
         g = torch.zeros_like(self.theta) if g is None else g.detach().clone()
+        if self.estimator == "flip":
+            if batch is None:
+                raise ValueError("the flip estimator needs the step's batch (x, y)")
+            return g + self._flip_differences(ce, *batch)
         if self.estimator == "reinforce":
             th, xi = self.theta, self._xi.to(self.theta.dtype)
             inner = (th > 0) & (th < 1) & self.alive
@@ -337,6 +355,39 @@ class GatedResNet(tnn.Module):
                 self.baseline.copy_(self.baseline_decay * base + (1 - self.baseline_decay) * ce)
                 self.baseline_set.fill_(True)
         return g
+
+    @torch.no_grad()
+    def _flip_differences(self, ce: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+        """``CE(xi_s=1) - CE(xi_s=0)`` for every live unpinned block gate and the chosen unit
+        gates (the others 0), each from one extra train-mode forward with gate s flipped; BN
+        running statistics are left untouched (momentum 0 during the flips)."""
+        xi, leaf = self._xi.clone(), self._leaf
+        free = (self.alive & ~self.pinned).cpu()
+        units = torch.nonzero(free[:self.n_units]).flatten()
+        scale = 1.0
+        if self.flip_units is not None and units.numel() > self.flip_units:
+            pick = torch.randperm(units.numel(), device="cpu")[:self.flip_units]
+            scale = units.numel() / self.flip_units
+            units = units[pick]
+        blocks = torch.nonzero(free[self.n_units:]).flatten() + self.n_units
+        out = torch.zeros_like(self.theta)
+        bns = [m for m in self.net.modules() if isinstance(m, tnn.modules.batchnorm._BatchNorm)]
+        saved = [m.momentum for m in bns]
+        on = xi.cpu()
+        ce = ce.detach().float()
+        try:
+            for m in bns:
+                m.momentum = 0.0
+            for s, w in [(int(u), scale) for u in units] + [(int(b), 1.0) for b in blocks]:
+                flipped = xi.clone()
+                flipped[s] = ~flipped[s]
+                other = F.cross_entropy(self(x, xi=flipped).float(), y)
+                out[s] = w * ((ce - other) if on[s] else (other - ce))
+        finally:
+            for m, mom in zip(bns, saved):
+                m.momentum = mom
+            self._xi, self._leaf = xi, leaf
+        return out
 
     @torch.no_grad()
     def step_theta(self, grad: torch.Tensor, lr: float, precondition: bool = True) -> int:

@@ -435,15 +435,15 @@ def _check_resumable(saved: dict, config: TrainConfig, steps_per_epoch: int, ckp
 def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
           extra_loss: Callable[[tnn.Module], torch.Tensor] | None = None,
           after_step: Callable[[tnn.Module], None] | None = None,
-          after_backward: Callable[[tnn.Module, torch.Tensor], None] | None = None,
+          after_backward: Callable[..., None] | None = None,
           epoch_metrics: Callable[[tnn.Module, int], dict] | None = None,
           resume: bool = False, name: str = "train") -> TrainResult:
     """Train ``model`` (in place) with SGD for ``config.epochs`` epochs; see the module docstring.
 
     ``loss = cross_entropy + extra_loss(module)`` (the extra term is computed outside autocast,
-    on the unwrapped module); ``after_backward(module, ce)`` runs after every backward pass,
-    before the optimizer step, with the step's cross-entropy (detached: e.g. a score-function
-    gradient estimate for parameters outside the optimizer, :mod:`nn.variational`);
+    on the unwrapped module); ``after_backward(module, ce, x, y)`` runs after every backward
+    pass, before the optimizer step, with the step's cross-entropy (detached) and batch: e.g.
+    gradient estimates for parameters outside the optimizer (:mod:`nn.variational`);
     ``after_step(module)`` runs after every optimizer step;
     ``epoch_metrics(module, epoch)`` (1-based ``epoch``) is merged into the epoch's metrics (it
     runs on every rank; rank 0's values are logged).  ``resume=True`` continues from
@@ -589,7 +589,7 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
                         loss = loss + extra
                     scaler.scale(loss).backward()
                     if after_backward is not None:
-                        after_backward(module, ce.detach())
+                        after_backward(module, ce.detach(), x, y)
                     scaler.step(opt)
                     scaler.update()
                     sched.step()

@@ -32,7 +32,8 @@ class VariationalConfig:
     §6); ``theta_lr``: projected-SGD step on theta; ``estimator``: :data:`nn.gates.ESTIMATORS`;
     ``warmup_epochs``: epochs (may be fractional) before theta moves; ``theta_init``: initial
     keep probability of every gate; ``precondition``: divide each gate's step by its marginal
-    cost at theta = 1 (:meth:`GatedResNet.step_theta` says why)."""
+    cost at theta = 1 (:meth:`GatedResNet.step_theta` says why); ``flip_units``: for the
+    ``flip`` estimator, how many live unit gates are flipped per step (None: all)."""
 
     lam: float = 1.0
     beta: float = 0.5
@@ -42,6 +43,7 @@ class VariationalConfig:
     warmup_epochs: float = 1.0
     theta_init: float = 1.0
     precondition: bool = True
+    flip_units: int | None = None
 
     def __post_init__(self):
         for name, lo, hi in (("lam", 0, math.inf), ("beta", 0, 1), ("gamma", 0, math.inf),
@@ -53,6 +55,10 @@ class VariationalConfig:
                 raise ValueError(f"{name} must be a number in [{lo}, {hi}]"
                                  f"{' and > 0' if name in ('theta_lr', 'theta_init') else ''}, "
                                  f"got {v!r}")
+        if self.flip_units is not None and (not isinstance(self.flip_units, int) or
+                                            isinstance(self.flip_units, bool) or
+                                            self.flip_units < 1):
+            raise ValueError(f"flip_units must be None or an int >= 1, got {self.flip_units!r}")
         if not isinstance(self.precondition, bool):
             raise ValueError(f"precondition must be a bool, got {self.precondition!r}")
         if self.estimator not in ESTIMATORS:
@@ -65,7 +71,8 @@ class VariationalConfig:
 def make_gated(model, input_size, cfg: VariationalConfig) -> GatedResNet:
     """``model`` (a dense ResNet, trained in place) wrapped with gates configured by ``cfg``."""
     return GatedResNet(model, input_size, lam=cfg.lam, beta=cfg.beta, gamma=cfg.gamma,
-                       theta_init=cfg.theta_init, estimator=cfg.estimator)
+                       theta_init=cfg.theta_init, estimator=cfg.estimator,
+                       flip_units=cfg.flip_units)
 
 
 def hooks(gated: GatedResNet, cfg: VariationalConfig, steps_per_epoch: int) -> dict:
@@ -75,8 +82,8 @@ def hooks(gated: GatedResNet, cfg: VariationalConfig, steps_per_epoch: int) -> d
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     counts = {"died": 0}
 
-    def after_backward(m: GatedResNet, ce: torch.Tensor) -> None:
-        g = m.theta_gradient(ce)
+    def after_backward(m: GatedResNet, ce: torch.Tensor, x=None, y=None) -> None:
+        g = m.theta_gradient(ce, None if x is None else (x, y))
         if int(m.steps) >= warmup:
             counts["died"] += m.step_theta(g, cfg.theta_lr, cfg.precondition)
         m.steps += 1
