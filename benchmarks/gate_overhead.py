@@ -19,6 +19,7 @@ model's.  Rounds where other processes used > 5% of the CPU are dropped when eno
 remain (``nn.bench.kept_rounds``).
 
     python benchmarks/gate_overhead.py --wait-load 1.0          # CPU, ResNet-20, 1x28x28
+    python benchmarks/gate_overhead.py --estimator flip         # the flip estimator's price
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ except ImportError:  # run as a script: benchmarks/ is on sys.path
 from nn import build_model, compress, count_macs
 from nn.bench import interleaved_rounds, kept_rounds, paired_ratio, summarize, train_step
 from nn.gates import GatedResNet
-from nn.variational import VariationalConfig, hooks
+from nn.variational import VariationalConfig, hooks, make_gated
 
 
 def gated_step(gated: GatedResNet, opt, x, y, after_backward):
@@ -80,6 +81,8 @@ def main(argv=None) -> int:
     p.add_argument("--units", type=float, default=0.5, help="share of units killed")
     p.add_argument("--blocks", type=float, default=1 / 3, help="share of blocks killed")
     p.add_argument("--estimator", default="st", choices=("st", "reinforce", "flip"))
+    p.add_argument("--flip-units", type=int, default=8,
+                   help="unit gates flipped per step by --estimator flip")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -97,7 +100,8 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn((args.batch, *shape), generator=g)
     y = torch.randint(0, 10, (args.batch,), generator=g)
-    vcfg = VariationalConfig(lam=1.0, theta_lr=1e-9, warmup_epochs=0, estimator=args.estimator)
+    vcfg = VariationalConfig(lam=1.0, theta_lr=1e-9, warmup_epochs=0, estimator=args.estimator,
+                             flip_units=args.flip_units)
     plans = {"gates@1": (0.0, 0.0), f"gates:units{round(100 * args.units)}": (args.units, 0.0),
              f"gates:blocks{round(100 * args.blocks)}": (0.0, args.blocks),
              "gates:both": (args.units, args.blocks)}
@@ -110,8 +114,7 @@ def main(argv=None) -> int:
     for name, (uf, bf) in plans.items():
         net = build_model(args.model, 10, shape[0])
         net.load_state_dict(base.state_dict())
-        gated = GatedResNet(net, shape, lam=vcfg.lam, beta=vcfg.beta, gamma=vcfg.gamma,
-                            estimator=vcfg.estimator)
+        gated = make_gated(net, shape, vcfg)
         kill(gated, uf, bf, args.seed)
         opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
         steps[name] = gated_step(gated, opt, x, y, hooks(gated, vcfg, 1)["after_backward"])
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
               "rounds": {"timed": args.repeats, "used": len(keep), "clean_only": clean,
                          "foreign_cpu_share": rounds["foreign_cpu"]},
               "raw_step_ms": rounds["ms"]}
-    stem = _common.results_path(args.out, "gate_overhead_cpu")
+    stem = _common.results_path(args.out, f"gate_overhead_{args.estimator}_cpu")
     _common.write_json(stem.with_suffix(".json"), result)
     _common.write_csv(stem.with_suffix(".csv"), rows)
     print(_common.format_machine(info))

@@ -144,8 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="variational: extra price of depth, E[blocks]/B")
     a("--theta-lr", dest="theta_lr", type=_num("--theta-lr", float, 0, True),
       help="variational: projected-SGD step on the gate probabilities")
-    a("--estimator", choices=("st", "reinforce"),
-      help="variational: gradient estimator, straight-through or REINFORCE (unbiased)")
+    a("--estimator", choices=("st", "reinforce", "flip"),
+      help="variational: gradient estimator: straight-through, REINFORCE (unbiased) or flip "
+           "(exact per-gate differences; unbiased, one extra forward per gate flipped)")
+    a("--flip-units", dest="flip_units", type=_num("--flip-units", int, 1),
+      help="variational, flip: unit gates flipped per step (None: all)")
     a("--gate-warmup-epochs", dest="gate_warmup_epochs",
       type=_num("--gate-warmup-epochs", float, 0), help="variational: epochs before theta moves")
     a("--theta-init", dest="theta_init", type=_num("--theta-init", float, 0, True, hi=1),

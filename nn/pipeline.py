@@ -121,6 +121,7 @@ class PipelineConfig:
     estimator: str = "st"
     gate_warmup_epochs: float = 1.0
     theta_init: float = 1.0
+    flip_units: int | None = None
     device: str = "auto"
     amp: str = "auto"
     channels_last: bool = False
@@ -192,7 +193,7 @@ class PipelineConfig:
         return VariationalConfig(lam=self.lam, beta=self.beta, gamma=self.gamma,
                                  theta_lr=self.theta_lr, estimator=self.estimator,
                                  warmup_epochs=self.gate_warmup_epochs,
-                                 theta_init=self.theta_init)
+                                 theta_init=self.theta_init, flip_units=self.flip_units)
 
     def train_config(self, stage: str, checkpoints: bool = True) -> TrainConfig:
         """The TrainConfig of stage ``"train"`` or ``"finetune"`` (checkpoints in out/stage)."""
