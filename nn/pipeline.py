@@ -81,7 +81,10 @@ class PipelineConfig:
     accuracy; ``mac_target`` a fraction of the dense MACs; ``select`` ``"auto"`` means bisection
     for spr/bigm and the MAC target for l1-filter/slimming.  ``structures`` are the kinds pruned
     (and regularised): ``("filter",)`` or ``("filter", "stream")``.  ``synthetic``: keywords of
-    ``nn.data.make_synthetic``.  ``latency_batches``: batch sizes timed on ``device``."""
+    ``nn.data.make_synthetic``.  ``latency_batches``: batch sizes timed on ``device``.
+    ``beta``, ``gamma``, ``theta_lr``, ``estimator``, ``gate_warmup_epochs``, ``theta_init``,
+    ``flip_units``: the variational pruner's (:class:`nn.variational.VariationalConfig`; ``lam``
+    is shared, :data:`LAM_DEFAULT` when not given)."""
 
     method: str = "spr"
     model: str = "resnet20"
@@ -115,13 +118,13 @@ class PipelineConfig:
     bisect_images: int = 5000
     mac_target: float = 0.5
     slimming_lambda: float = 1e-4
-    beta: float = 0.5
-    gamma: float = 0.0
-    theta_lr: float = 0.005
-    estimator: str = "st"
-    gate_warmup_epochs: float = 1.0
-    theta_init: float = 1.0
-    flip_units: int | None = None
+    beta: float = VariationalConfig.beta          # the variational pruner's: one home
+    gamma: float = VariationalConfig.gamma
+    theta_lr: float = VariationalConfig.theta_lr
+    estimator: str = VariationalConfig.estimator
+    gate_warmup_epochs: float = VariationalConfig.warmup_epochs
+    theta_init: float = VariationalConfig.theta_init
+    flip_units: int | None = VariationalConfig.flip_units
     device: str = "auto"
     amp: str = "auto"
     channels_last: bool = False
