@@ -5,9 +5,9 @@ trace, histories, timings), PNG plots (matplotlib, Agg backend) and a printable 
 Plots: ``widths.png`` (output channels of every conv before/after), ``training.png`` (accuracy,
 loss and penalty per epoch: regularised training, then fine-tuning), ``cases.png`` (share of
 SPR groups in cases C1/C2/C3 per epoch; spr and bigm only -- for bigm the cases SPR would put the
-groups in), ``selection.png`` (the bisection / MAC-target evaluations against the cut); variational only:
-``theta.png`` (every gate's keep probability per epoch, units and blocks) and ``gates.png``
-(expected and deterministic MACs, live units and blocks per epoch).
+groups in), ``selection.png`` (the bisection / MAC-target evaluations against the cut);
+variational only: ``theta.png`` (every gate's keep probability per epoch, units and blocks) and
+``gates.png`` (expected, deterministic and live MACs, live blocks per epoch).
 """
 
 from __future__ import annotations
@@ -260,8 +260,9 @@ def _gate_plots(hist: list[dict], title: str, save, plt) -> None:
             ys = [1.0] + [h["theta"][name][j] for h in hist]
             ax.plot(ep, ys, lw=1.2 if block else 0.5, alpha=0.9 if block else 0.35,
                     label=name[len("block."):] if block else None)
+    n_units = sum(len(hist[0]["theta"][n]) for n in names if not n.startswith("block."))
     a1.set(xlabel="epoch", ylabel="theta (keep probability)",
-           title=f"{title}: unit gates ({sum(len(hist[0]['theta'][n]) for n in names if not n.startswith('block.'))})")
+           title=f"{title}: {n_units} unit gates")
     a2.set(xlabel="epoch", title="block gates")
     if any(n.startswith("block.") for n in names):
         a2.legend(fontsize=7)
@@ -272,6 +273,9 @@ def _gate_plots(hist: list[dict], title: str, save, plt) -> None:
     a1.plot(e1, [h["gates_exp_macs"] / 1e6 for h in hist], "-o", ms=3, label="E[MACs]")
     a1.plot(e1, [h["gates_det_macs"] / 1e6 for h in hist], "--s", ms=3,
             label="MACs of the deterministic net")
+    if "gates_live_macs" in hist[0]:
+        a1.plot(e1, [h["gates_live_macs"] / 1e6 for h in hist], "-.d", ms=3,
+                label="MACs computed a step (live structures)")
     a1.set(xlabel="epoch", ylabel="MACs (M)", title=f"{title}: MACs over epochs")
     a2 = a1.twinx()
     a2.plot(e1, [h["gates_blocks_alive"] for h in hist], ":^", color="C3", ms=3,
