@@ -15,8 +15,9 @@ its ``theta`` (mean field), which at ``theta`` in {0, 1} is the 0/1 network itse
 network is :meth:`GatedResNet.deterministic_masks` (``theta >= 0.5``; a kept block keeps at
 least its best unit), made exact by :meth:`GatedResNet.round_`.  A structure is **dead** once
 its ``theta`` reached 0: it is never computed again (dead units are sliced out of the
-convolutions and BNs, dead blocks skipped), so training gets faster as it prunes.  ``pinned`` units are a family's last live unit: the unit gates never remove it
-(``theta`` held at 1); only the block gate can.
+convolutions and BNs, dead blocks skipped), so training gets faster as it prunes.  ``pinned``
+units are a family's last live unit: the unit gates never remove it (``theta`` held at 1); only
+the block gate can.
 
 **Cost** (exact, differentiable, multilinear in ``theta`` because gates are independent)::
 
