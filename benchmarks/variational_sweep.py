@@ -120,7 +120,8 @@ def plot(rows: list[dict], path: Path, info: str) -> None:
            title="time per epoch as the gates prune")
     a2.grid(alpha=0.3)
     a2.legend(fontsize=7)
-    fig.text(0.01, -0.02, info, fontsize=7)
+    fig.tight_layout()
+    fig.text(0.01, -0.12, info, fontsize=7, family="monospace")
     _common.write_png(path, fig)
     plt.close(fig)
 
