@@ -201,19 +201,45 @@ def test_resume_refuses_a_changed_recipe_and_needs_out_dir(tmp_path):
 # --------------------------------------------------------------------------- (2) DDP
 
 
-def test_ddp_two_cpu_processes_match_single_process(tmp_path):
+def _kill_tree(marker: str) -> None:
+    """SIGKILL every process whose command line contains ``marker`` (torchrun starts its
+    workers in sessions of their own, so killing torchrun's process group misses them)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if marker.encode() in fh.read():
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def _torchrun(tmp_path, attempt: int):
+    """Run the two-rank worker; returns (return code or None on timeout, its log)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "ddp_worker.py"), str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
-        _, err = proc.communicate()
-        pytest.fail(f"DDP run timed out: {err[-3000:]}")
-    assert proc.returncode == 0, err[-3000:]
+    log = tmp_path / f"torchrun-{attempt}.log"
+    with open(log, "w") as fh:  # a file, not a pipe: a stray worker cannot block the test
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(str(tmp_path))
+            proc.wait()
+            rc = None
+    return rc, log.read_text()[-3000:]
+
+
+def test_ddp_two_cpu_processes_match_single_process(tmp_path):
+    # one retry on a timeout: once in ~5 runs on a 2-core machine loaded by two training jobs,
+    # one rank sat in gloo's rendezvous until killed (the run itself takes ~10 s)
+    rc, err = _torchrun(tmp_path, 0)
+    if rc is None:
+        rc, err = _torchrun(tmp_path, 1)
+    assert rc is not None, f"DDP run timed out twice: {err}"
+    assert rc == 0, err
     for kind in ("plain", "resnet"):
         r0, r1 = (torch.load(tmp_path / f"{kind}-rank{r}.pt", weights_only=True) for r in (0, 1))
         # every rank ends with the same weights and buffers (BN running stats: rank 0's)
