@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     plans = {"gates@1": (0.0, 0.0), f"gates:units{round(100 * args.units)}": (args.units, 0.0),
              f"gates:blocks{round(100 * args.blocks)}": (0.0, args.blocks),
              "gates:both": (args.units, args.blocks)}
-    steps, macs, models = {}, {}, {}
+    steps, macs = {}, {}
     base = build_model(args.model, 10, shape[0])
     dense_macs = count_macs(base, shape)
     steps["plain"] = train_step(base, torch.optim.SGD(base.parameters(), lr=1e-3,
@@ -119,9 +119,7 @@ def main(argv=None) -> int:
         opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
         steps[name] = gated_step(gated, opt, x, y, hooks(gated, vcfg, 1)["after_backward"])
         masks = gated.deterministic_masks()
-        macs[name] = float(gated.expected(torch.cat([masks[gt.name] for gt in gated.gates])
-                                          .float())["macs"])
-        models[name] = gated
+        macs[name] = float(gated.expected(gated.deterministic_keep().double())["macs"])
         if uf or bf:
             small = compress(net, masks)
             steps["compact:" + name.split(":")[1]] = train_step(

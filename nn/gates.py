@@ -250,6 +250,11 @@ class GatedResNet(tnn.Module):
             out[g.name] = m
         return out
 
+    def deterministic_keep(self) -> torch.Tensor:
+        """:meth:`deterministic_masks` as one bool vector over all gates (theta's layout)."""
+        masks = self.deterministic_masks()
+        return torch.cat([masks[g.name] for g in self.gates]).to(self.theta.device)
+
     def _indices(self):
         """Per unit family: the alive channels (None when all are), cached until ``alive``
         changes."""
@@ -436,8 +441,7 @@ class GatedResNet(tnn.Module):
         """Make every gate deterministic: ``theta <- 1`` where :meth:`deterministic_masks` keeps
         it, else 0 (and dead).  Returns how many gates were rounded up and down from strictly
         between 0 and 1."""
-        masks = self.deterministic_masks()
-        keep = torch.cat([masks[g.name] for g in self.gates]).to(self.theta.device)
+        keep = self.deterministic_keep()
         frac = (self.theta > 0) & (self.theta < 1) & self.alive
         info = {"rounded_up": int((frac & keep).sum()), "rounded_down": int((frac & ~keep).sum()),
                 "rule_text": "theta >= 0.5 kept; a kept block's empty unit family keeps its "
@@ -455,8 +459,7 @@ class GatedResNet(tnn.Module):
         yet dead), live units and blocks, mean theta of live gates."""
         with torch.no_grad():
             e = self.expected()
-            masks = self.deterministic_masks()
-            keep = torch.cat([masks[g.name] for g in self.gates]).to(self.theta)
+            keep = self.deterministic_keep().to(self.theta.dtype)
             d = self.expected(keep)
             a = self.alive
             live = self.expected(a.to(self.theta.dtype))

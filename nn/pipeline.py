@@ -314,6 +314,7 @@ def _run(cfg, rank, world, device):
                            world_size=world, channels_last=cfg.channels_last)
 
     test = make_loader(bundle, "test", cfg.eval_batch_size, rank=rank, world_size=world)
+    train_loader = loaders(cfg.seed)  # one loader: the gates' warm-up counts its steps
     reg, hooks, trained = None, {}, model
     if cfg.method == "variational":
         if world > 1:
@@ -324,8 +325,7 @@ def _run(cfg, rank, world, device):
             raise ConfigError("method variational needs --amp bf16 or off (fp16 loss scaling "
                               "would scale the gate gradients)")
         trained = make_gated(model, input_size, cfg.variational_config()).to(device)
-        hooks = variational_hooks(trained, cfg.variational_config(),
-                                  len(loaders(cfg.seed)))
+        hooks = variational_hooks(trained, cfg.variational_config(), len(train_loader))
     elif cfg.method in ("spr", "bigm"):  # built on the initial weights: M from them
         reg = SPRRegularizer(model, cfg.spr_config(), input_size, reference=cfg.reference)
 
@@ -349,7 +349,7 @@ def _run(cfg, rank, world, device):
         trained.load_state_dict(load_checkpoint(sdir / CHECKPOINT)["model"])
         stages["train"] = json.loads((sdir / "done.json").read_text()) | {"ran": False}
     else:
-        res = train(trained, loaders(cfg.seed), test, cfg.train_config("train"),
+        res = train(trained, train_loader, test, cfg.train_config("train"),
                     resume=cfg.resume, name=f"{cfg.method} train", **hooks)
         stages["train"] = {"seconds": res.seconds, "history": res.history,
                            "test_acc": evaluate(trained, test, world), "ran": True}
