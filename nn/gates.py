@@ -138,7 +138,14 @@ class GatedResNet(tnn.Module):
         self.gates = tuple(gates)
         self.by_name = {g.name: g for g in gates}
         self._block_units = {}  # block gate index -> its unit gates' indices
-        for info in self.layout.blocks:
+        # per gate: the position of the block it sits in (-1: the stem), where a flip restarts
+        self._gate_block = [-1] * start
+        for pos, info in enumerate(self.layout.blocks):
+            for name in (f"block.{info.name}", *info.convs):
+                if name in self.by_name:
+                    for j in range(self.by_name[name].start, self.by_name[name].start
+                                   + self.by_name[name].size):
+                        self._gate_block[j] = pos
             bg = self.by_name.get(f"block.{info.name}")
             if bg is not None:
                 self._block_units[bg.start] = torch.cat(
@@ -155,6 +162,7 @@ class GatedResNet(tnn.Module):
         self._leaf = None     # theta as a leaf of this step's graph (training forward)
         self._xi = None       # this step's sample
         self._cache = None    # (alive bytes, {family: index tensor or None})
+        self._inputs = None   # flip: the block inputs of this step's forward
 
     # ---------------------------------------------------------------- the exact expected cost
     def _build_cost_table(self) -> None:
@@ -276,7 +284,6 @@ class GatedResNet(tnn.Module):
         for exact enumeration in tests); eval: deterministic, every live gate multiplied by its
         theta (the mean-field network: the first moments the BN statistics were gathered
         under; at theta in {0, 1}, e.g. after :meth:`round_`, exactly the pruned network)."""
-        net = self.net
         if self.training:
             idx = self._indices()
             self._leaf = self.theta.detach().clone().requires_grad_(True)
@@ -296,24 +303,38 @@ class GatedResNet(tnn.Module):
             mult = self.theta * self.alive
             compute = self.alive.tolist()
 
-        def unit_mult(h, gate, sel):
-            m = mult[gate.slice]
-            m = m if sel is None else m[sel]
-            return h * m.to(h.dtype)[None, :, None, None]
+        # flip re-runs only the blocks after a flipped gate, from these saved block inputs
+        self._inputs = [] if (self.training and self.estimator == "flip") else None
+        return self._tail(self._stem(x, mult), 0, mult, compute, idx, self._inputs)
 
+    def _stem(self, x, mult):
+        net = self.net
+        h = F.relu(net.bn1(net.conv1(x)), inplace=True)
         stem = self.by_name.get("conv1")
-        h = net.relu(net.bn1(net.conv1(x)))
-        if stem is not None:  # ResNet-50 stem filters: multiplied, never sliced
+        if stem is not None:  # ResNet-50 stem filters: multiplied after the ReLU (folded
+            # into bn1, st's gradient at a gate sampled off would be relu'(0) = 0), never sliced
             h = h * mult[stem.slice].to(h.dtype)[None, :, None, None]
-        h = net.maxpool(h)
-        modules = self._modules_by_name
-        for info in self.layout.blocks:
+        return net.maxpool(h)
+
+    def _tail(self, h, start, mult, compute, idx, inputs=None):
+        """Blocks ``start:`` and the head on ``h`` (the input of block ``start``), with gate
+        multipliers ``mult``, ``compute`` (per gate: is its branch computed) and the alive
+        channel indices ``idx``; appends every block's input to ``inputs`` when given.
+
+        No gate costs a pass over the activations: a unit's multiplier scales the input
+        channel of the conv that reads it (``conv(relu(a) * m) = conv_{W * m}(relu(a))``), a
+        block's scales the affine terms of its last BN (``bn(z) * m``) -- both exact, the
+        gradient w.r.t. the multipliers included."""
+        net, modules = self.net, self._modules_by_name
+        for info in self.layout.blocks[start:]:
+            if inputs is not None:
+                inputs.append(h)
             blk = modules[info.name]
             bgate = self.by_name.get(f"block.{info.name}")
             if bgate is not None and not compute[bgate.start]:
                 continue  # identity shortcut, input is a ReLU output: relu(x + 0) = x
             idn = h if blk.downsample is None else blk.downsample(h)
-            out, prev = h, None
+            out, prev, prev_mult = h, None, None
             k = len(info.convs)
             for i in range(k):
                 conv, bn = modules[info.convs[i]], modules[info.bns[i]]
@@ -324,14 +345,17 @@ class GatedResNet(tnn.Module):
                     w = w.index_select(0, sel)
                 if prev is not None:
                     w = w.index_select(1, prev)
+                if prev_mult is not None:
+                    w = w * prev_mult.to(w.dtype)[None, :, None, None]
                 out = F.conv2d(out, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-                out = bn(out) if sel is None else _sliced_bn(bn, out, sel)
-                if i < k - 1:
-                    out = unit_mult(F.relu(out), gate, sel)
+                last = i == k - 1
+                out = _gated_bn(bn, out, sel, mult[bgate.start] if last and bgate else None)
+                if not last:
+                    out = F.relu(out, inplace=True)
+                    m = mult[gate.slice] if gate is not None else None
+                    prev_mult = m if (m is None or sel is None) else m[sel]
                 prev = sel
-            if bgate is not None:
-                out = out * mult[bgate.start].to(out.dtype)
-            h = F.relu(out + idn)
+            h = F.relu(out + idn, inplace=True)
         return net.fc(torch.flatten(net.avgpool(h), 1))
 
     # ---------------------------------------------------------------- gradient and update
@@ -365,9 +389,12 @@ class GatedResNet(tnn.Module):
     @torch.no_grad()
     def _flip_differences(self, ce: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
         """``CE(xi_s=1) - CE(xi_s=0)`` for every live unpinned block gate and the chosen unit
-        gates (the others 0), each from one extra train-mode forward with gate s flipped; BN
-        running statistics are left untouched (momentum 0 during the flips)."""
-        xi, leaf = self._xi.clone(), self._leaf
+        gates (the others 0), each from one extra train-mode pass with gate s flipped that
+        re-runs only the blocks from gate s's own block on (the earlier ones are unchanged: their
+        saved outputs are reused); BN running statistics are left untouched (momentum 0)."""
+        xi, inputs = self._xi, self._inputs
+        if inputs is None or len(inputs) != len(self.layout.blocks):
+            raise RuntimeError("flip needs the block inputs of this step's training forward")
         free = (self.alive & ~self.pinned).cpu()
         units = torch.nonzero(free[:self.n_units]).flatten()
         scale = 1.0
@@ -379,20 +406,24 @@ class GatedResNet(tnn.Module):
         out = torch.zeros_like(self.theta)
         bns = [m for m in self.net.modules() if isinstance(m, tnn.modules.batchnorm._BatchNorm)]
         saved = [m.momentum for m in bns]
-        on = xi.cpu()
+        on = xi.tolist()
+        idx = self._indices()
         ce = ce.detach().float()
         try:
             for m in bns:
                 m.momentum = 0.0
             for s, w in [(int(u), scale) for u in units] + [(int(b), 1.0) for b in blocks]:
                 flipped = xi.clone()
-                flipped[s] = ~flipped[s]
-                other = F.cross_entropy(self(x, xi=flipped).float(), y)
+                flipped[s] = not on[s]
+                mult, compute = flipped.to(self.theta.dtype), list(on)
+                compute[s] = not on[s]
+                pos = self._gate_block[s]
+                h = self._stem(x, mult) if pos < 0 else inputs[pos].detach()
+                other = F.cross_entropy(self._tail(h, max(pos, 0), mult, compute, idx).float(), y)
                 out[s] = w * ((ce - other) if on[s] else (other - ce))
         finally:
             for m, mom in zip(bns, saved):
                 m.momentum = mom
-            self._xi, self._leaf = xi, leaf
         return out
 
     @torch.no_grad()
@@ -477,11 +508,18 @@ class GatedResNet(tnn.Module):
                 for g in self.gates}
 
 
-def _sliced_bn(bn: tnn.BatchNorm2d, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``bn`` restricted to channels ``idx``: in training its running statistics of those
-    channels are updated (written back), exactly as the full BN would update them."""
-    w, b = bn.weight.index_select(0, idx), bn.bias.index_select(0, idx)
-    rm, rv = bn.running_mean.index_select(0, idx), bn.running_var.index_select(0, idx)
+def _gated_bn(bn: tnn.BatchNorm2d, x: torch.Tensor, idx: torch.Tensor | None,
+              scale: torch.Tensor | None) -> torch.Tensor:
+    """``bn`` restricted to channels ``idx`` (None: all), its output multiplied by ``scale``
+    (per channel or a scalar, folded into the affine terms; None: 1).  In training the running
+    statistics (of ``x``, unscaled) of those channels are updated exactly as the full BN would
+    update them."""
+    w, b, rm, rv = bn.weight, bn.bias, bn.running_mean, bn.running_var
+    if idx is not None:
+        w, b, rm, rv = (t.index_select(0, idx) for t in (w, b, rm, rv))
+    if scale is not None:
+        scale = scale.to(w.dtype)
+        w, b = w * scale, b * scale
     if not bn.training:
         return F.batch_norm(x, rm, rv, w, b, False, 0.0, bn.eps)
     with torch.no_grad():
@@ -489,7 +527,8 @@ def _sliced_bn(bn: tnn.BatchNorm2d, x: torch.Tensor, idx: torch.Tensor) -> torch
     momentum = bn.momentum if bn.momentum is not None else \
         1.0 / float(bn.num_batches_tracked)
     out = F.batch_norm(x, rm, rv, w, b, True, momentum, bn.eps)
-    with torch.no_grad():
-        bn.running_mean.index_copy_(0, idx, rm)
-        bn.running_var.index_copy_(0, idx, rv)
+    if idx is not None:
+        with torch.no_grad():
+            bn.running_mean.index_copy_(0, idx, rm)
+            bn.running_var.index_copy_(0, idx, rv)
     return out
