@@ -56,6 +56,21 @@ def _num(name, kind=float, lo=None, strict=False, hi=None):
     return parse
 
 
+def _count_or_all(name):
+    def parse(text):
+        if text == "all":
+            return text
+        try:
+            x = int(text)
+        except ValueError:
+            x = 0
+        if x < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1 or 'all', "
+                                             f"got {text!r}")
+        return x
+    return parse
+
+
 def _cost(text):
     if text in ("params", "macs"):
         return text
@@ -145,10 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--theta-lr", dest="theta_lr", type=_num("--theta-lr", float, 0, True),
       help="variational: projected-SGD step on the gate probabilities")
     a("--estimator", choices=("st", "reinforce", "flip"),
-      help="variational: gradient estimator: straight-through, REINFORCE (unbiased) or flip "
-           "(exact per-gate differences; unbiased, one extra forward per gate flipped)")
-    a("--flip-units", dest="flip_units", type=_num("--flip-units", int, 1),
-      help="variational, flip: unit gates flipped per step (None: all)")
+      help="variational: gradient estimator: flip (default: exact per-gate differences, "
+           "unbiased, one extra partial forward per gate flipped), st (straight-through: "
+           "free, biased) or reinforce (unbiased, high variance)")
+    a("--flip-units", dest="flip_units", type=_count_or_all("--flip-units"),
+      help="variational, flip: unit gates flipped per step, or 'all'")
+    a("--flip-blocks", dest="flip_blocks", type=_count_or_all("--flip-blocks"),
+      help="variational, flip: block gates flipped per step, or 'all'")
     a("--gate-warmup-epochs", dest="gate_warmup_epochs",
       type=_num("--gate-warmup-epochs", float, 0), help="variational: epochs before theta moves")
     a("--theta-init", dest="theta_init", type=_num("--theta-init", float, 0, True, hi=1),
@@ -191,6 +209,9 @@ def config_from_args(ns: argparse.Namespace):
     given = {k: v for k, v in vars(ns).items() if k not in ("command", "quick")}
     if "structures" in given:
         given["structures"] = tuple(given["structures"].split("+"))
+    for k in ("flip_units", "flip_blocks"):
+        if given.get(k) == "all":
+            given[k] = None
     kwargs = {**(QUICK if getattr(ns, "quick", False) else {}), **given}
     return PipelineConfig(**kwargs)
 

@@ -75,6 +75,7 @@ from nn.structures import build_families, layout
 __all__ = ["ESTIMATORS", "GatedResNet"]
 
 ESTIMATORS = ("st", "reinforce", "flip")
+DEFAULT_ESTIMATOR, DEFAULT_FLIP_UNITS, DEFAULT_FLIP_BLOCKS = "flip", 4, 2
 
 
 @dataclass(frozen=True)
@@ -98,13 +99,16 @@ class GatedResNet(tnn.Module):
     ``net`` (kept as ``self.net``, trained in place), ``input_size`` (channels, height, width:
     for the MAC counts), ``lam``/``beta``/``gamma`` (the cost), ``theta_init`` (every gate's
     initial keep probability, in (0, 1]), ``estimator`` (:data:`ESTIMATORS`),
-    ``baseline_decay`` (the REINFORCE baseline's moving average), ``flip_units`` (unit gates
-    flipped per step by the ``flip`` estimator; None: all).
+    ``baseline_decay`` (the REINFORCE baseline's moving average), ``flip_units`` and
+    ``flip_blocks`` (unit and block gates flipped per step by the ``flip`` estimator, drawn
+    at random among the live ones; None: all).
     """
 
     def __init__(self, net: ResNet, input_size, *, lam: float = 1.0, beta: float = 0.0,
-                 gamma: float = 0.0, theta_init: float = 1.0, estimator: str = "st",
-                 baseline_decay: float = 0.9, flip_units: int | None = None):
+                 gamma: float = 0.0, theta_init: float = 1.0,
+                 estimator: str = DEFAULT_ESTIMATOR, baseline_decay: float = 0.9,
+                 flip_units: int | None = DEFAULT_FLIP_UNITS,
+                 flip_blocks: int | None = DEFAULT_FLIP_BLOCKS):
         super().__init__()
         if not isinstance(net, ResNet):
             raise ValueError(f"GatedResNet wraps a dense nn.models.ResNet, got "
@@ -119,9 +123,10 @@ class GatedResNet(tnn.Module):
             raise ValueError(f"theta_init must be in (0, 1], got {theta_init!r}")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if flip_units is not None and (not isinstance(flip_units, int) or flip_units < 1):
-            raise ValueError(f"flip_units must be None or an int >= 1, got {flip_units!r}")
-        self.flip_units = flip_units
+        for label, v in (("flip_units", flip_units), ("flip_blocks", flip_blocks)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{label} must be None or an int >= 1, got {v!r}")
+        self.flip_units, self.flip_blocks = flip_units, flip_blocks
         self.net = net
         self.lam, self.beta, self.gamma = float(lam), float(beta), float(gamma)
         self.estimator, self.baseline_decay = estimator, float(baseline_decay)
@@ -396,13 +401,8 @@ class GatedResNet(tnn.Module):
         if inputs is None or len(inputs) != len(self.layout.blocks):
             raise RuntimeError("flip needs the block inputs of this step's training forward")
         free = (self.alive & ~self.pinned).cpu()
-        units = torch.nonzero(free[:self.n_units]).flatten()
-        scale = 1.0
-        if self.flip_units is not None and units.numel() > self.flip_units:
-            pick = torch.randperm(units.numel(), device="cpu")[:self.flip_units]
-            scale = units.numel() / self.flip_units
-            units = units[pick]
-        blocks = torch.nonzero(free[self.n_units:]).flatten() + self.n_units
+        flips = _draw(torch.nonzero(free[:self.n_units]).flatten(), self.flip_units) + \
+            _draw(torch.nonzero(free[self.n_units:]).flatten() + self.n_units, self.flip_blocks)
         out = torch.zeros_like(self.theta)
         bns = [m for m in self.net.modules() if isinstance(m, tnn.modules.batchnorm._BatchNorm)]
         saved = [m.momentum for m in bns]
@@ -412,7 +412,7 @@ class GatedResNet(tnn.Module):
         try:
             for m in bns:
                 m.momentum = 0.0
-            for s, w in [(int(u), scale) for u in units] + [(int(b), 1.0) for b in blocks]:
+            for s, w in flips:
                 flipped = xi.clone()
                 flipped[s] = not on[s]
                 mult, compute = flipped.to(self.theta.dtype), list(on)
@@ -506,6 +506,16 @@ class GatedResNet(tnn.Module):
     def theta_by_family(self) -> dict[str, list[float]]:
         return {g.name: [round(float(v), 5) for v in self.theta[g.slice].tolist()]
                 for g in self.gates}
+
+
+def _draw(gates: torch.Tensor, k: int | None) -> list[tuple[int, float]]:
+    """``(gate, weight)`` pairs: ``k`` of ``gates`` drawn without replacement, each weighted
+    ``len(gates) / k`` (so a sum over them is unbiased for the sum over all), or all of them
+    with weight 1 (``k`` None or at least their number)."""
+    n = gates.numel()
+    if k is None or n <= k:
+        return [(int(s), 1.0) for s in gates]
+    return [(int(s), n / k) for s in gates[torch.randperm(n, device="cpu")[:k]]]
 
 
 def _gated_bn(bn: tnn.BatchNorm2d, x: torch.Tensor, idx: torch.Tensor | None,

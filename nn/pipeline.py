@@ -83,7 +83,7 @@ class PipelineConfig:
     (and regularised): ``("filter",)`` or ``("filter", "stream")``.  ``synthetic``: keywords of
     ``nn.data.make_synthetic``.  ``latency_batches``: batch sizes timed on ``device``.
     ``beta``, ``gamma``, ``theta_lr``, ``estimator``, ``gate_warmup_epochs``, ``theta_init``,
-    ``flip_units``: the variational pruner's (:class:`nn.variational.VariationalConfig`; ``lam``
+    ``flip_units``, ``flip_blocks``: the variational pruner's (:class:`nn.variational.VariationalConfig`; ``lam``
     is shared, :data:`LAM_DEFAULT` when not given)."""
 
     method: str = "spr"
@@ -125,6 +125,7 @@ class PipelineConfig:
     gate_warmup_epochs: float = VariationalConfig.warmup_epochs
     theta_init: float = VariationalConfig.theta_init
     flip_units: int | None = VariationalConfig.flip_units
+    flip_blocks: int | None = VariationalConfig.flip_blocks
     device: str = "auto"
     amp: str = "auto"
     channels_last: bool = False
@@ -196,7 +197,8 @@ class PipelineConfig:
         return VariationalConfig(lam=self.lam, beta=self.beta, gamma=self.gamma,
                                  theta_lr=self.theta_lr, estimator=self.estimator,
                                  warmup_epochs=self.gate_warmup_epochs,
-                                 theta_init=self.theta_init, flip_units=self.flip_units)
+                                 theta_init=self.theta_init, flip_units=self.flip_units,
+                                 flip_blocks=self.flip_blocks)
 
     def train_config(self, stage: str, checkpoints: bool = True) -> TrainConfig:
         """The TrainConfig of stage ``"train"`` or ``"finetune"`` (checkpoints in out/stage)."""

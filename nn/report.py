@@ -111,6 +111,7 @@ def build_report(cfg, *, bundle, input_size, dense_model, pruned_spec, reg, stag
         regularizer = {"penalty": "variational", "lam": cfg.lam, "beta": cfg.beta,
                        "gamma": cfg.gamma, "theta_lr": cfg.theta_lr,
                        "estimator": cfg.estimator, "flip_units": cfg.flip_units,
+                       "flip_blocks": cfg.flip_blocks,
                        "warmup_epochs": cfg.gate_warmup_epochs,
                        "theta_init": cfg.theta_init,
                        "R": "(1 - beta) E[MACs]/MACs0 + beta E[params]/params0 + "

@@ -703,13 +703,13 @@ def test_reinforce_moving_baseline_stays_unbiased():
     assert (z.abs() < 4.5).all(), z
 
 
-@pytest.mark.parametrize("flip_units", [None, 2])
-def test_flip_is_unbiased_against_exact_enumeration(flip_units):
-    """Exact conditional differences: unbiased, with the unit subset rescaled too, and far
-    less variance than REINFORCE on the same problem."""
+@pytest.mark.parametrize("flip_units, flip_blocks", [(None, None), (2, 1)])
+def test_flip_is_unbiased_against_exact_enumeration(flip_units, flip_blocks):
+    """Exact conditional differences: unbiased, with the unit and block subsets rescaled too,
+    and far less variance than REINFORCE on the same problem."""
     gated, x, y = toy_problem(seed=0)
     exact = exact_gradients(0)[1]
-    gated.estimator, gated.flip_units = "flip", flip_units
+    gated.estimator, gated.flip_units, gated.flip_blocks = "flip", flip_units, flip_blocks
     k = 400
     with torch.no_grad():
         est = sample_estimates(gated, x, y, k, seed=12)
@@ -731,7 +731,7 @@ def test_flip_differences_are_the_exact_pattern_differences():
     gated, x, y = toy_problem(seed=0)
     pats, losses = exact_gradients(0)[3:5]
     table = {tuple(p.tolist()): float(v) for p, v in zip(pats, losses)}
-    gated.estimator, gated.flip_units = "flip", None
+    gated.estimator, gated.flip_units, gated.flip_blocks = "flip", None, None
     for i in (0, 5, 77, 200, 255):
         xi = pats[i]
         with torch.no_grad():
@@ -750,7 +750,7 @@ def test_flip_reuses_block_inputs_on_a_two_stage_net_with_projections():
     torch.manual_seed(4)
     net = random_bn_(ResNet(BasicBlock, (2, 2), (3, 4), "cifar", num_classes=3, in_channels=1,
                             shortcut="B"))
-    gated = GatedResNet(net, TOY, estimator="flip").train()
+    gated = GatedResNet(net, TOY, estimator="flip", flip_units=None, flip_blocks=None).train()
     set_theta_(gated, torch.full((len(gated.theta),), 0.6))
     x, y = torch.randn(16, *TOY), torch.randint(0, 3, (16,))
     torch.manual_seed(5)
@@ -828,7 +828,7 @@ def test_variational_config_validation(kw, match):
 
 def test_variational_config_defaults_and_make_gated():
     cfg = VariationalConfig(lam=0.7, beta=0.2, gamma=0.1, theta_init=0.9, estimator="reinforce")
-    assert cfg.to_dict()["lam"] == 0.7 and VariationalConfig().estimator == "st"
+    assert cfg.to_dict()["lam"] == 0.7 and VariationalConfig().estimator == "flip"
     gated = make_gated(toy_net(3), TOY, cfg)
     assert (gated.lam, gated.beta, gated.gamma, gated.estimator) == (0.7, 0.2, 0.1, "reinforce")
     assert torch.allclose(gated.theta, torch.full((8,), 0.9))

@@ -270,7 +270,7 @@ def test_global_order_masks_are_nested_and_keep_every_stream(r20):
     ({"epochs": 0}, "epochs"), ({"finetune_epochs": -1}, "finetune_epochs"),
     ({"beta": 1.5}, "beta"), ({"gamma": -1}, "gamma"), ({"theta_lr": 0}, "theta_lr"),
     ({"estimator": "magic"}, "estimator"), ({"theta_init": 0}, "theta_init"),
-    ({"flip_units": 0}, "flip_units"),
+    ({"flip_units": 0}, "flip_units"), ({"flip_blocks": 1.5}, "flip_blocks"),
 ])
 def test_config_validation_names_the_bad_value(kw, word):
     with pytest.raises(ValueError, match=word):
@@ -292,6 +292,7 @@ def test_quick_preset_is_a_valid_fashion_mnist_config():
     ["train", "--synthetic", "n_train=8"],  # needs --data synthetic: the config says no
     ["train", "--amp", "maybe"], ["train", "--beta", "2"], ["train", "--estimator", "x"],
     ["train", "--theta-lr", "0"], ["train", "--gamma", "-1"], ["train", "--flip-units", "0"],
+    ["train", "--flip-blocks", "some"],
 ])
 def test_cli_bad_arguments_one_line_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:

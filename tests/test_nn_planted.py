@@ -63,7 +63,6 @@ TOP = 0.8        # keep inputs whose teacher margin is above this quantile of th
 MARGIN = 2.0     # logit scale: the kept inputs' margins are >= this many nats
 N_TRAIN, N_TEST, BATCH = 2048, 1024, 64
 LAM, BETA, GAMMA, THETA_LR, WARMUP, EPOCHS, LR = 0.5, 0.5, 0.5, 0.02, 0.0, 12, 0.001
-FLIP_UNITS = 4   # unit gates flipped per step (24 live at the start): 7 flips a step, not 27
 
 
 class Batches:
@@ -212,7 +211,8 @@ def test_pruner_recovers_the_planted_units_and_blocks(seed):
     x, y = sample(teacher, threshold, N_TRAIN, gen)
     xt, yt = sample(teacher, threshold, N_TEST, gen)
     cfg = VariationalConfig(lam=LAM, beta=BETA, gamma=GAMMA, theta_lr=THETA_LR,
-                            warmup_epochs=WARMUP, estimator="flip", flip_units=FLIP_UNITS)
+                            warmup_epochs=WARMUP)  # the default estimator: flip, 4 + 2 a step
+    assert (cfg.estimator, cfg.flip_units, cfg.flip_blocks) == ("flip", 4, 2)
     gated = make_gated(make_student(teacher, masks, seed), SIZE, cfg)
     loader = Batches(x, y, BATCH, seed)
     train(gated, loader, None, TrainConfig(epochs=EPOCHS, lr=LR, device="cpu", progress=False,
