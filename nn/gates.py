@@ -36,28 +36,32 @@ cost, recomputed every step by autograd; :meth:`GatedResNet.marginal_costs`).
 
 **Gradient estimators** of ``d E[CE] / d theta`` (``estimator``):
 
-``st``         straight-through (default, free): the forward multiplies by ``xi + theta -
+``flip``       (default) the exact conditional difference on the step's batch, ``CE(xi_s = 1,
+               xi_-s) - CE(xi_s = 0, xi_-s)`` with the other gates as sampled: unbiased at
+               every theta (E[CE] is multilinear) and free of other gates' noise.  Each costs
+               one extra train-mode pass (no grad, BN running statistics frozen) over the
+               blocks from gate s's own block on (the earlier blocks' outputs are reused), for
+               ``flip_units`` live unit gates and ``flip_blocks`` live block gates drawn at
+               random per step (default 4 and 2; None: all), their estimates scaled by (live
+               gates / drawn) to stay unbiased.
+``st``         straight-through (free): the forward multiplies by ``xi + theta -
                stopgrad(theta)``, so the gradient is ``dCE/dxi`` at the sample -- biased (it
                linearises ``CE(xi_s=1) - CE(xi_s=0)``), low variance; needs the branch of a
                block sampled off, so it saves no compute on sampled-off gates.  With few live
                units left in a family, the whole family can be sampled off; the next
                train-mode BN then sees zero variance and dCE/dxi is inflated by about
                1/sqrt(eps) on that step (``benchmarks/gate_estimators.py`` shows the spread).
+               It fails the planted-structure test (``tests/test_nn_planted.py``; 1 of 10
+               seeds): at xi = 1 a confidently wrong network lowers its CE by shrinking any
+               branch, so dCE/dxi can have the wrong sign for a needed block.
 ``reinforce``  score function with a moving-average baseline ``b`` (unbiased for ``0 < theta
                < 1``): ``(CE - b) (xi - theta) / (theta (1 - theta))``; blocks sampled off are
                skipped.  High variance with many gates: one needed gate sampled off moves the
                CE of the step, and that lands on every other gate's estimate.
-``flip``       the exact conditional difference on the step's batch, ``CE(xi_s = 1, xi_-s) -
-               CE(xi_s = 0, xi_-s)`` with the other gates as sampled: unbiased at every theta
-               (E[CE] is multilinear) and free of other gates' noise, at one extra forward
-               pass (no grad, BN statistics frozen) per gate flipped: every live block, and
-               every live unit or ``flip_units`` of them drawn at random, their estimates
-               scaled by (live units / flip_units) to stay unbiased.  The default in
-               spirit -- ``st`` and ``reinforce`` fail the planted-structure test (module
-               ``tests/test_nn_planted.py``) -- but it costs ``1 + flips`` forwards a step.
 
-Both are checked against exact enumeration on a toy network (tests, ``benchmarks/
-gate_estimators.py``).  :mod:`nn.variational` runs the training around this module.
+All three are checked against exact enumeration on a toy network (tests, ``benchmarks/
+gate_estimators.py``).  The gates themselves cost no pass over the activations
+(:meth:`GatedResNet._tail`).  :mod:`nn.variational` runs the training around this module.
 """
 
 from __future__ import annotations
