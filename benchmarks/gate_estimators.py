@@ -9,7 +9,9 @@ theta_hi]``.  All ``2^n`` gate patterns are enumerated with the forced-``xi`` tr
     E[CE] = sum_xi P(xi) CE(xi),   exact gradient_s = E[CE | xi_s = 1] - E[CE | xi_s = 0]
 
 and, from the same pass, the exact mean of the straight-through estimate (``dCE/dxi`` at each
-pattern).  Each estimator of :data:`nn.gates.ESTIMATORS` then produces ``K`` estimates the way
+pattern).  Each estimator of :data:`nn.gates.ESTIMATORS` (``flip`` twice: flipping every gate,
+and ``flip 2u+1b`` drawing 2 unit gates and 1 block gate a step as the library's default
+draws 4 + 2 on real networks) then produces ``K`` estimates the way
 training does (sampled forward, cross-entropy, ``backward``, ``GatedResNet.theta_gradient``;
 REINFORCE with the library's moving-average baseline, ``--baseline-decay``).  Reported per
 setting and estimator: the mean bias per gate (mean estimate - exact), its largest magnitude
@@ -43,7 +45,7 @@ try:
 except ImportError:  # run as a script: benchmarks/ is on sys.path
     import _common
 
-from nn.gates import ESTIMATORS, GatedResNet
+from nn.gates import GatedResNet
 from nn.models import BasicBlock, ResNet
 
 INPUT = (1, 6, 6)
@@ -114,9 +116,14 @@ def enumerate_exact(gated: GatedResNet, x, y) -> dict:
             "st_mean": prob @ G, "ce_min": float(L.min()), "ce_max": float(L.max())}
 
 
-def sample(gated: GatedResNet, x, y, estimator: str, k: int, seed: int):
+VARIANTS = {"st": ("st", None, None), "reinforce": ("reinforce", None, None),
+            "flip": ("flip", None, None), "flip 2u+1b": ("flip", 2, 1)}
+"""label: (estimator, flip_units, flip_blocks)"""
+
+
+def sample(gated: GatedResNet, x, y, variant: str, k: int, seed: int):
     """``k`` estimates as training computes them, and the wall time of each (ms)."""
-    gated.estimator = estimator
+    gated.estimator, gated.flip_units, gated.flip_blocks = VARIANTS[variant]
     with torch.no_grad():
         gated.baseline.zero_()
         gated.baseline_set.fill_(False)
@@ -175,7 +182,7 @@ def main(argv=None):
                          "ce_range": [ex["ce_min"], ex["ce_max"]], "enumerate_s": enum_s,
                          "theta": gated.theta.tolist(), "exact_grad": exact.tolist(),
                          "st_exact_mean": ex["st_mean"].tolist()})
-        for estimator in ESTIMATORS:
+        for estimator in VARIANTS:
             est, ms = sample(gated, x, y, estimator, args.K, seed=1000 + seed)
             r = {"setting": name, "estimator": estimator, "gates": len(exact),
                  "E_ce": ex["E_ce"], "exact_grad_norm": float(exact.norm()),

@@ -36,8 +36,9 @@ class VariationalConfig:
     cost at theta = 1 (:meth:`GatedResNet.step_theta` says why); ``flip_units``,
     ``flip_blocks``: for the ``flip`` estimator, how many live unit and block gates are flipped
     per step (None: all).  The default estimator is ``flip`` with 4 units and 2 blocks a step:
-    the one that recovers a planted structure (``tests/test_nn_planted.py``), at about 1.5x
-    the cost of a plain step (``st``, straight-through, is the free alternative: +3%)."""
+    the one that recovers a planted structure (``tests/test_nn_planted.py``), at 1.9x the
+    cost of a plain step on ResNet-20 at theta = 1 (``st``, straight-through, is the free
+    alternative: +3.5%; ``benchmarks/gate_overhead.py``)."""
 
     lam: float = 1.0
     beta: float = 0.5
