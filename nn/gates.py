@@ -397,8 +397,9 @@ class GatedResNet(tnn.Module):
 
     @torch.no_grad()
     def _flip_differences(self, ce: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
-        """``CE(xi_s=1) - CE(xi_s=0)`` for every live unpinned block gate and the chosen unit
-        gates (the others 0), each from one extra train-mode pass with gate s flipped that
+        """``w_s (CE(xi_s=1) - CE(xi_s=0))`` for the live unpinned gates drawn this step
+        (``flip_units`` units and ``flip_blocks`` blocks, ``w_s`` = live gates of that kind /
+        drawn; the others 0), each from one extra train-mode pass with gate s flipped that
         re-runs only the blocks from gate s's own block on (the earlier ones are unchanged: their
         saved outputs are reused); BN running statistics are left untouched (momentum 0)."""
         xi, inputs = self._xi, self._inputs

@@ -83,8 +83,9 @@ class PipelineConfig:
     (and regularised): ``("filter",)`` or ``("filter", "stream")``.  ``synthetic``: keywords of
     ``nn.data.make_synthetic``.  ``latency_batches``: batch sizes timed on ``device``.
     ``beta``, ``gamma``, ``theta_lr``, ``estimator``, ``gate_warmup_epochs``, ``theta_init``,
-    ``flip_units``, ``flip_blocks``: the variational pruner's (:class:`nn.variational.VariationalConfig`; ``lam``
-    is shared, :data:`LAM_DEFAULT` when not given)."""
+    ``flip_units``, ``flip_blocks``: the variational pruner's
+    (:class:`nn.variational.VariationalConfig`; ``lam`` is shared, :data:`LAM_DEFAULT` when not
+    given)."""
 
     method: str = "spr"
     model: str = "resnet20"

@@ -772,6 +772,44 @@ def test_flip_reuses_block_inputs_on_a_two_stage_net_with_projections():
     assert len(gated.by_name) == 4 + 3  # 4 unit families, 3 removable blocks (one projects)
 
 
+def test_straight_through_is_the_derivative_in_each_multiplier():
+    """st's estimate is dCE/dm_s at m = xi: central differences of the cross-entropy in one
+    multiplier (float64, batch statistics), the others at the sample, for units on and off and
+    blocks on.  Folding a unit's multiplier into the reading conv keeps this exact at m_s = 0
+    (folded into its own BN before the ReLU it would be relu'(0) = 0).  (A block off is a kink:
+    ``relu(idn + m branch)`` with ``idn`` a ReLU output that is 0 in many places.)"""
+    torch.manual_seed(6)
+    net = random_bn_(ResNet(BasicBlock, (2, 1), (3, 4), "cifar", num_classes=3, in_channels=1,
+                            shortcut="B")).double()
+    gated = GatedResNet(net, TOY, estimator="st").double().train()
+    for m in gated.net.modules():
+        if isinstance(m, tnn.BatchNorm2d):
+            m.momentum = 0.0
+    x, y = torch.randn(16, *TOY, dtype=torch.float64), torch.randint(0, 3, (16,))
+    n = len(gated.theta)
+    xi = torch.arange(n) % 3 != 1  # on and off gates of both kinds
+    assert not xi.all() and xi.any()
+    ce = F.cross_entropy(gated(x, xi=xi), y)
+    ce.backward()
+    st = gated._leaf.grad.clone()
+    idx, compute = gated._indices(), [True] * n
+
+    def ce_at(mult):
+        with torch.no_grad():
+            return float(F.cross_entropy(gated._tail(gated._stem(x, mult), 0, mult, compute,
+                                                     idx), y))
+
+    h = 1e-5
+    for s in [s for s in range(n) if s < gated.n_units or xi[s]]:
+        e = torch.zeros(n, dtype=torch.float64)
+        e[s] = h
+        m = xi.double()
+        fd = (ce_at(m + e) - ce_at(m - e)) / (2 * h)
+        assert float(st[s]) == pytest.approx(fd, rel=1e-5, abs=1e-8), (s, bool(xi[s]))
+    off = st[:gated.n_units][~xi[:gated.n_units]].abs()  # units off (one in a block off: 0)
+    assert int((off > 1e-4).sum()) >= 2, off
+
+
 def test_straight_through_mean_and_bias():
     """ST's sample mean matches its own exact mean (enumerated); that mean is biased w.r.t.
     the exact gradient (reported, not bounded) but positively aligned with it."""
