@@ -2,7 +2,7 @@
 
 Runs ``python -m nn train --method M --model resnet20 --data fashion-mnist`` (the full 60k
 training set, the full 10k test set) for ``dense``, ``spr``, ``bigm``, ``l1-filter`` and
-``slimming`` with the same training budget, then collects each run's ``report.json`` into
+``slimming`` (and ``variational`` when asked for) with the same training budget, then collects each run's ``report.json`` into
 ``benchmarks/results/<stem>.{json,csv,png}`` with the exact command of every run.
 
 Budget: ``--epochs`` regularised (or plain) epochs + ``--finetune-epochs`` fine-tuning epochs for
@@ -18,6 +18,11 @@ at a time on a quiet machine (``--wait-load``), because the pipelines' own were 
 other job was running.
 
     python benchmarks/fmnist_methods.py --epochs 4 --finetune-epochs 2 --jobs 2 --threads 1
+
+The variational pruner on the same budget, one lam per result file (``--extra`` goes to the run):
+
+    python benchmarks/fmnist_methods.py --methods variational --extra "--lam 0.5" \
+        --runs runs/fmnist-variational-0.5 --out benchmarks/results/fmnist_variational_lam05_cpu
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ try:
 except ImportError:  # run as a script: benchmarks/ is on sys.path
     import _common
 
-METHODS = ("spr", "dense", "bigm", "l1-filter", "slimming")
+METHODS = ("spr", "dense", "bigm", "l1-filter", "slimming", "variational")
 
 
 def command(method: str, args, mac_target: float | None = None) -> list[str]:
@@ -133,7 +138,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default=",".join(METHODS),
+    p.add_argument("--methods", default=",".join(METHODS[:-1]),
                    help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--model", default="resnet20")
     p.add_argument("--epochs", type=int, default=4)
