@@ -138,6 +138,8 @@ class GatedResNet(tnn.Module):
         self.families = build_families(net, layer_macs(net, self.input_size))
         self.layout = layout(net)
         self._modules_by_name = dict(net.named_modules())  # a plain dict: not registered
+        self._bns = [m for m in self._modules_by_name.values()
+                     if isinstance(m, tnn.modules.batchnorm._BatchNorm)]
         gates, start = [], 0
         for kind, fkind in (("unit", "filter"), ("block", "block")):
             for f in self.families:
@@ -409,7 +411,7 @@ class GatedResNet(tnn.Module):
         flips = _draw(torch.nonzero(free[:self.n_units]).flatten(), self.flip_units) + \
             _draw(torch.nonzero(free[self.n_units:]).flatten() + self.n_units, self.flip_blocks)
         out = torch.zeros_like(self.theta)
-        bns = [m for m in self.net.modules() if isinstance(m, tnn.modules.batchnorm._BatchNorm)]
+        bns = self._bns
         saved = [m.momentum for m in bns]
         on = xi.tolist()
         idx = self._indices()
