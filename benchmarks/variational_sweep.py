@@ -13,7 +13,7 @@ range), and the time per epoch as the gates prune (wall-clock of the training ep
 Runs go to ``--runs/<method>-<lam>`` and are resumable like ``fmnist_methods.py``; two 1-thread
 jobs at once by default.  Plot: accuracy vs MACs, and training time per epoch.
 
-    python benchmarks/variational_sweep.py --lams 0.5,1,2 --spr-lams 4.5,6,9
+    python benchmarks/variational_sweep.py      # the recorded run: lams 0.1,0.25,0.5,1; SPR 4.5,9,15
 """
 
 from __future__ import annotations
@@ -128,8 +128,8 @@ def plot(rows: list[dict], path: Path, info: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lams", type=lams, default=lams("0.5,1,2"))
-    p.add_argument("--spr-lams", type=lams, default=lams("4.5,6,9"))
+    p.add_argument("--lams", type=lams, default=lams("0.1,0.25,0.5,1"))
+    p.add_argument("--spr-lams", type=lams, default=lams("4.5,9,15"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
