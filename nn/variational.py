@@ -89,7 +89,7 @@ def hooks(gated: GatedResNet, cfg: VariationalConfig, steps_per_epoch: int) -> d
     counts = {"died": 0}
 
     def after_backward(m: GatedResNet, ce: torch.Tensor, x=None, y=None) -> None:
-        if int(m.steps) >= warmup:  # no estimate during the warm-up (flip's costs forwards)
+        if int(m.steps) >= warmup:  # no estimate during the warm-up (flip costs forward passes)
             g = m.theta_gradient(ce, None if x is None else (x, y))
             counts["died"] += m.step_theta(g, cfg.theta_lr, cfg.precondition)
         m.steps += 1
