@@ -45,7 +45,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nn.models import BasicBlock, ResNet
 from nn.surgery import apply_masks_, compress
