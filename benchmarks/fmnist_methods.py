@@ -138,7 +138,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default=",".join(METHODS[:-1]),
+    p.add_argument("--methods", default=",".join(m for m in METHODS if m != "variational"),
                    help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--model", default="resnet20")
     p.add_argument("--epochs", type=int, default=4)

@@ -57,17 +57,17 @@ def _num(name, kind=float, lo=None, strict=False, hi=None):
 
 
 def _count_or_all(name):
+    """An int >= 1, or ``all`` -> None (what the config calls "every one")."""
+    count = _num(name, int, 1)
+
     def parse(text):
         if text == "all":
-            return text
+            return None
         try:
-            x = int(text)
-        except ValueError:
-            x = 0
-        if x < 1:
+            return count(text)
+        except argparse.ArgumentTypeError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1 or 'all', "
-                                             f"got {text!r}")
-        return x
+                                             f"got {text!r}") from None
     return parse
 
 
@@ -209,9 +209,6 @@ def config_from_args(ns: argparse.Namespace):
     given = {k: v for k, v in vars(ns).items() if k not in ("command", "quick")}
     if "structures" in given:
         given["structures"] = tuple(given["structures"].split("+"))
-    for k in ("flip_units", "flip_blocks"):
-        if given.get(k) == "all":
-            given[k] = None
     kwargs = {**(QUICK if getattr(ns, "quick", False) else {}), **given}
     return PipelineConfig(**kwargs)
 

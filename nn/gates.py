@@ -150,13 +150,10 @@ class GatedResNet(tnn.Module):
         self.by_name = {g.name: g for g in gates}
         self._block_units = {}  # block gate index -> its unit gates' indices
         # per gate: the position of the block it sits in (-1: the stem), where a flip restarts
-        self._gate_block = [-1] * start
-        for pos, info in enumerate(self.layout.blocks):
-            for name in (f"block.{info.name}", *info.convs):
-                if name in self.by_name:
-                    for j in range(self.by_name[name].start, self.by_name[name].start
-                                   + self.by_name[name].size):
-                        self._gate_block[j] = pos
+        pos_of = {name: pos for pos, info in enumerate(self.layout.blocks)
+                  for name in (f"block.{info.name}", *info.convs)}
+        self._gate_block = [pos_of.get(g.name, -1) for g in gates for _ in range(g.size)]
+        for info in self.layout.blocks:
             bg = self.by_name.get(f"block.{info.name}")
             if bg is not None:
                 self._block_units[bg.start] = torch.cat(
@@ -363,8 +360,7 @@ class GatedResNet(tnn.Module):
                 out = _gated_bn(bn, out, sel, mult[bgate.start] if last and bgate else None)
                 if not last:
                     out = F.relu(out, inplace=True)
-                    m = mult[gate.slice] if gate is not None else None
-                    prev_mult = m if (m is None or sel is None) else m[sel]
+                    prev_mult = mult[gate.slice] if sel is None else mult[gate.slice][sel]
                 prev = sel
             h = F.relu(out + idn, inplace=True)
         return net.fc(torch.flatten(net.avgpool(h), 1))
@@ -431,6 +427,7 @@ class GatedResNet(tnn.Module):
         finally:
             for m, mom in zip(bns, saved):
                 m.momentum = mom
+            self._inputs = None  # used once: do not hold the step's activations any longer
         return out
 
     @torch.no_grad()

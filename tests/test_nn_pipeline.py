@@ -13,7 +13,7 @@ import torch
 from nn import build_model, compress, count_macs, count_params, load_pruned, prunable_structures
 from nn.baselines import (bisect_largest, bisect_threshold, cut_points, first_at_most,
                           prefix_masks, removal_order, structure_scores)
-from nn.cli import QUICK, main
+from nn.cli import QUICK, build_parser, config_from_args, main
 from nn.data import load_dataset, make_loader
 from nn.pipeline import ConfigError, PipelineConfig, evaluate, run_pipeline
 
@@ -320,3 +320,12 @@ def test_pipeline_imports_neither_solvers_nor_matplotlib():
     mods = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                               text=True).stdout.split())
     assert "nn" in mods and not mods & {"pyomo", "highspy", "numba", "matplotlib"}
+
+
+def test_cli_flip_counts_take_all_or_a_count():
+    ns = build_parser().parse_args(["train", "--method", "variational", "--flip-units", "all",
+                                    "--flip-blocks", "3"])
+    cfg = config_from_args(ns)
+    assert (cfg.flip_units, cfg.flip_blocks) == (None, 3)
+    assert cfg.variational_config().flip_units is None
+    assert config_from_args(build_parser().parse_args(["train"])).flip_units == 4
