@@ -1,7 +1,8 @@
 """Helpers shared by the benchmark scripts: machine/code provenance and atomic result files.
 
-Benchmarks only parse arguments, call the library (``nn``, ``nn.bench``) and write what they
-measured with the configuration, the machine and the code version attached (DESIGN §8.13).
+Benchmarks only parse arguments, call the library (``nn``; measuring helpers in
+:mod:`benchmarks.measure`) and write what they measured with the configuration, the machine and
+the code version (:func:`nn.provenance.git_info`) attached (DESIGN §8.13).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import io
 import json
 import os
 import platform
-import subprocess
 from pathlib import Path
+
+from nn.io import atomic_write
+from nn.provenance import git_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -28,23 +31,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def _git(*args: str) -> str | None:
-    """Read-only git query in the repository (never changes state); None if unavailable."""
-    try:
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                             timeout=20, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def git_info() -> dict:
-    """``commit`` (HEAD), ``dirty`` (uncommitted changes to tracked files, or untracked files)."""
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain")
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
 def load_average() -> list[float] | None:
@@ -112,25 +98,17 @@ def format_machine(info: dict) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
+def _write_bytes(path, data: bytes) -> Path:
+    """``data`` to ``path`` atomically (:func:`nn.io.atomic_write`), creating its folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda fh: fh.write(data))
     return path
 
 
 def write_json(path, obj) -> Path:
-    return _atomic_write(Path(path), (json.dumps(obj, indent=2, sort_keys=False,
-                                                 default=str) + "\n").encode())
+    return _write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False,
+                                          default=str) + "\n").encode())
 
 
 def write_csv(path, rows: list[dict]) -> Path:
@@ -142,13 +120,13 @@ def write_csv(path, rows: list[dict]) -> Path:
     w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    return _atomic_write(Path(path), buf.getvalue().encode())
+    return _write_bytes(path, buf.getvalue().encode())
 
 
 def write_png(path, fig) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    return _atomic_write(Path(path), buf.getvalue())
+    return _write_bytes(path, buf.getvalue())
 
 
 def results_path(out: str | None, default_stem: str) -> Path:

@@ -12,21 +12,18 @@ Also the share of the big-M integrality gap that the PR root bound closes.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (format_machine, machine_info, results_path, table, write_csv,  # noqa: E402
-                     write_json, write_png)
+from benchmarks._common import (format_machine, machine_info, results_path, table, write_csv,
+                                write_json, write_png)
 
-from mipprune import random_instance  # noqa: E402
-from mipprune.bnb import branch_and_bound  # noqa: E402
-from mipprune.relax import pr_bound_closed_form  # noqa: E402
-from mipprune.scip import scip_available, scip_solve  # noqa: E402
-from mipprune.solve import enumerate_solve  # noqa: E402
+from mipprune import random_instance
+from mipprune.bnb import branch_and_bound
+from mipprune.enumerate import enumerate_solve
+from mipprune.relax import pr_bound_closed_form
+from mipprune.scip import scip_available, scip_solve
 
 
 def parse():

@@ -17,11 +17,11 @@ sooner than one 2-thread job after another).  Latencies are re-measured after al
 at a time on a quiet machine (``--wait-load``), because the pipelines' own were taken while the
 other job was running.
 
-    python benchmarks/fmnist_methods.py --epochs 4 --finetune-epochs 2 --jobs 2 --threads 1
+    python -m benchmarks.fmnist_methods --epochs 4 --finetune-epochs 2 --jobs 2 --threads 1
 
 The variational pruner on the same budget, one lam per result file (``--extra`` goes to the run):
 
-    python benchmarks/fmnist_methods.py --methods variational --extra "--lam 0.5" \
+    python -m benchmarks.fmnist_methods --methods variational --extra "--lam 0.5" \
         --runs runs/fmnist-variational-0.5 --out benchmarks/results/fmnist_variational_lam05_cpu
 """
 
@@ -36,10 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-try:
-    from benchmarks import _common
-except ImportError:  # run as a script: benchmarks/ is on sys.path
-    import _common
+from benchmarks import _common
 
 METHODS = ("spr", "dense", "bigm", "l1-filter", "slimming", "variational")
 
@@ -89,7 +86,7 @@ def quiet_latency(out: Path, input_size, batches, repeats: int, wait_load: float
     import torch
 
     from nn.complexity import measure_latency
-    from nn.pruned import load_pruned
+    from nn.models import load_pruned
 
     model = load_pruned(out / "pruned.pt")
     res = {}

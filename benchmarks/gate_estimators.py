@@ -9,7 +9,7 @@ theta_hi]``.  All ``2^n`` gate patterns are enumerated with the forced-``xi`` tr
     E[CE] = sum_xi P(xi) CE(xi),   exact gradient_s = E[CE | xi_s = 1] - E[CE | xi_s = 0]
 
 and, from the same pass, the exact mean of the straight-through estimate (``dCE/dxi`` at each
-pattern).  Each estimator of :data:`nn.gates.ESTIMATORS` (``flip`` twice: flipping every gate,
+pattern).  Each estimator of :data:`nn.methods.variational.ESTIMATORS` (``flip`` twice: flipping every gate,
 and ``flip 2u+1b`` drawing 2 unit gates and 1 block gate a step as the library's default
 draws 4 + 2 on real networks) then produces ``K`` estimates the way
 training does (sampled forward, cross-entropy, ``backward``, ``GatedResNet.theta_gradient``;
@@ -23,11 +23,11 @@ backward + ``theta_gradient``), the variance split into unit and block gates, an
 also the exact bias from enumeration (no sampling noise).  Settings: two theta/weight draws of
 the width-3 net (8 gates) and one width-4 net (10 gates).
 
-    python benchmarks/gate_estimators.py                       # K = 2000, seed 0, 1 thread
+    python -m benchmarks.gate_estimators                       # K = 2000, seed 0, 1 thread
 
 Results: ``benchmarks/results/gate_estimators.{json,csv}``.  The run that wrote them:
 
-    python benchmarks/gate_estimators.py --K 2000 --seed 0
+    python -m benchmarks.gate_estimators --K 2000 --seed 0
 """
 
 from __future__ import annotations
@@ -40,12 +40,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-try:
-    from benchmarks import _common
-except ImportError:  # run as a script: benchmarks/ is on sys.path
-    import _common
-
-from nn.gates import GatedResNet
+from benchmarks import _common
+from nn.methods.variational.gated import GatedResNet
 from nn.models import BasicBlock, ResNet
 
 INPUT = (1, 6, 6)

@@ -17,9 +17,9 @@ The theta step size is tiny (1e-9) so no gate dies or moves during timing.  Repo
 step ms, the ratio to ``plain`` (ratio of medians, bootstrap 95% interval), the MAC ratio of the
 live network, and for the pruned variants the speed-up the gates realise against the compact
 model's.  Rounds where other processes used > 5% of the CPU are dropped when enough clean ones
-remain (``nn.bench.kept_rounds``).
+remain (``benchmarks.measure.kept_rounds``).
 
-    python benchmarks/gate_overhead.py --wait-load 1.0     # CPU, ResNet-20, 1x28x28, st + flip
+    python -m benchmarks.gate_overhead --wait-load 1.0     # CPU, ResNet-20, 1x28x28, st + flip
 """
 
 from __future__ import annotations
@@ -32,15 +32,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-try:
-    from benchmarks import _common
-except ImportError:  # run as a script: benchmarks/ is on sys.path
-    import _common
-
+from benchmarks import _common
+from benchmarks.measure import interleaved_rounds, kept_rounds, paired_ratio, summarize, \
+    train_step
 from nn import build_model, compress, count_macs
-from nn.bench import interleaved_rounds, kept_rounds, paired_ratio, summarize, train_step
-from nn.gates import ESTIMATORS, GatedResNet
-from nn.variational import VariationalConfig, hooks, make_gated
+from nn.methods.variational.gated import ESTIMATORS, GatedResNet
+from nn.methods.variational import GatedResNet, VariationalOptions, hooks
 
 
 def gated_step(gated: GatedResNet, opt, x, y, after_backward):
@@ -92,9 +89,9 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=float, default=1 / 3, help="share of blocks killed")
     p.add_argument("--estimators", type=estimators, default=estimators("st,flip"),
                    help="comma-separated, of " + ", ".join(ESTIMATORS))
-    p.add_argument("--flip-units", type=int, default=VariationalConfig.flip_units,
+    p.add_argument("--flip-units", type=int, default=VariationalOptions.flip_units,
                    help="unit gates flipped per step by flip")
-    p.add_argument("--flip-blocks", type=int, default=VariationalConfig.flip_blocks,
+    p.add_argument("--flip-blocks", type=int, default=VariationalOptions.flip_blocks,
                    help="block gates flipped per step by flip")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
@@ -123,12 +120,13 @@ def main(argv=None) -> int:
                                                       momentum=0.9), x, y)
     macs["plain"] = dense_macs
     for est, (suffix, (uf, bf)) in itertools.product(args.estimators, plans.items()):
-        vcfg = VariationalConfig(lam=1.0, theta_lr=1e-9, warmup_epochs=0, estimator=est,
-                                 flip_units=args.flip_units, flip_blocks=args.flip_blocks)
+        vcfg = VariationalOptions(theta_lr=1e-9, gate_warmup_epochs=0, estimator=est,
+                                  flip_units=args.flip_units, flip_blocks=args.flip_blocks)
         name = est + suffix
         net = build_model(args.model, 10, shape[0])
         net.load_state_dict(base.state_dict())
-        gated = make_gated(net, shape, vcfg)
+        gated = GatedResNet(net, shape, lam=1.0, estimator=est, flip_units=args.flip_units,
+                            flip_blocks=args.flip_blocks)
         kill(gated, uf, bf, args.seed)
         opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
         steps[name] = gated_step(gated, opt, x, y, hooks(gated, vcfg, 1)["after_backward"])

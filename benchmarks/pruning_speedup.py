@@ -14,14 +14,15 @@ Models (all from one dense, randomly initialised network; pruning patterns drawn
 
 Each is compressed with :func:`nn.compress`, its MACs (:func:`nn.count_macs`) and parameters
 counted, then every model is timed under every inference variant (``--variants``; see
-:func:`nn.bench.inference_variant`): all (variant, model) pairs interleaved round by round after
-a warm-up, eval mode, ``torch.inference_mode``.  Reported per pair: MAC ratio (dense / pruned),
-latency ratio (dense / pruned, same variant), their quotient (target >= 0.8 at batch 64 on CPU)
-and the speed-up over the dense eager model.  A per-shape convolution table (``--conv-table``)
-shows the convolution library's efficiency (GMAC/s) at the channel counts the pruned models use.
+:func:`benchmarks.measure.inference_variant`): all (variant, model) pairs interleaved round by
+round after a warm-up, eval mode, ``torch.inference_mode``.  Reported per pair: MAC ratio
+(dense / pruned), latency ratio (dense / pruned, same variant), their quotient (target >= 0.8 at
+batch 64 on CPU) and the speed-up over the dense eager model.  A per-shape convolution table
+(``--conv-table``) shows the convolution library's efficiency (GMAC/s) at the channel counts the
+pruned models use.
 
-    python benchmarks/pruning_speedup.py                    # CPU, batch 64
-    python benchmarks/pruning_speedup.py --device cuda      # GPU, batch 256
+    python -m benchmarks.pruning_speedup                    # CPU, batch 64
+    python -m benchmarks.pruning_speedup --device cuda      # GPU, batch 256
 """
 
 from __future__ import annotations
@@ -34,15 +35,11 @@ import warnings
 
 import torch
 
-try:
-    from benchmarks import _common
-except ImportError:  # run as a script: benchmarks/ is on sys.path
-    import _common
-
-from nn import build_model, compress, count_macs, count_params, prunable_structures
-from nn.bench import VARIANTS, block_masks, kept_rounds, conv_shapes, conv_timings, \
+from benchmarks import _common
+from benchmarks.measure import VARIANTS, block_masks, kept_rounds, conv_shapes, conv_timings, \
     fraction_masks, inference_variant, interleaved_rounds, max_logit_diff, merge_masks, \
     padded_macs, round_masks, summarize
+from nn import build_model, compress, count_macs, count_params, prunable_structures
 
 
 def parse(argv=None):

@@ -14,8 +14,8 @@ Reported: median step times, the ratio to ``none`` (ratio of medians, median of 
 ratios, bootstrap 95% interval), overhead % (target: < 3% CPU, < 1% GPU), and the penalty's own
 forward + backward time in isolation (interleaved too), plus an operator profile of it.
 
-    python benchmarks/regularizer_overhead.py                  # CPU, ResNet-56, batch 128
-    python benchmarks/regularizer_overhead.py --device cuda    # on a GPU
+    python -m benchmarks.regularizer_overhead                  # CPU, ResNet-56, batch 128
+    python -m benchmarks.regularizer_overhead --device cuda    # on a GPU
 """
 
 from __future__ import annotations
@@ -28,14 +28,10 @@ import warnings
 
 import torch
 
-try:
-    from benchmarks import _common
-except ImportError:  # run as a script: benchmarks/ is on sys.path
-    import _common
-
-from nn import SPRConfig, SPRRegularizer, build_model, count_params
-from nn.bench import interleaved_ms, kept_rounds, interleaved_rounds, op_profile, \
+from benchmarks import _common
+from benchmarks.measure import interleaved_ms, kept_rounds, interleaved_rounds, op_profile, \
     paired_ratio, regularizer_step, summarize, train_step
+from nn import CostConfig, SPRConfig, SPRRegularizer, build_model, count_params
 
 TARGET = {"cpu": 3.0, "cuda": 1.0}
 
@@ -82,7 +78,10 @@ def main(argv=None):
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn((args.batch, 3, 32, 32), generator=g).to(device)
     y = torch.randint(0, model.fc.out_features, (args.batch,), generator=g).to(device)
-    config = SPRConfig(lam=args.lam, alpha=args.alpha, M_scale=args.M_scale)
+    # every conv/BN parameter in a group (filters and streams), n_j from parameters: the
+    # configuration the recorded results were measured with
+    config = SPRConfig(lam=args.lam, alpha=args.alpha, M_scale=args.M_scale,
+                       cost=CostConfig(macs=0, params=1), kinds=("filter", "stream"))
     reg = SPRRegularizer(model, config)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
 
@@ -157,7 +156,8 @@ def main(argv=None):
     result = {
         "benchmark": "regularizer_overhead",
         "config": {**vars(args), "spr_config": {k: getattr(config, k) for k in (
-            "lam", "alpha", "M_scale", "cost", "kinds", "beyond_M", "penalty")},
+            "lam", "alpha", "M_scale", "kinds", "beyond_M", "penalty")}
+            | {"cost": config.cost.to_dict()},
             "optimizer": f"SGD(lr={args.lr}, momentum=0.9, weight_decay=5e-4)",
             "order": "interleaved rounds, order rotating each round"},
         "machine": info,

@@ -13,7 +13,7 @@ range), and the time per epoch as the gates prune (wall-clock of the training ep
 Runs go to ``--runs/<method>-<lam>`` and are resumable like ``fmnist_methods.py``; two 1-thread
 jobs at once by default.  Plot: accuracy vs MACs, and training time per epoch.
 
-    python benchmarks/variational_sweep.py      # the recorded run: lams 0.1,0.25,0.5,1; SPR 4.5,9,15
+    python -m benchmarks.variational_sweep      # the recorded run: lams 0.1,0.25,0.5,1; SPR 4.5,9,15
 """
 
 from __future__ import annotations
@@ -24,12 +24,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-try:
-    from benchmarks import _common
-    from benchmarks.fmnist_methods import run
-except ImportError:  # run as a script: benchmarks/ is on sys.path
-    import _common
-    from fmnist_methods import run
+from benchmarks import _common
+from benchmarks.fmnist_methods import run
 
 
 def lams(text: str) -> list[float]:

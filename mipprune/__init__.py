@@ -1,14 +1,21 @@
 """mipprune: structured pruning as a mixed-integer program (the OR layer).
 
-Importing the package loads only numpy and the pure formulas (``spr``, ``instance``), so the
+Importing the package loads only numpy and the pure formulas (``penalty``, ``instance``), so the
 torch layer ``nn`` can use the closed-form SPR on machines without pyomo, highspy or numba;
 the solvers load on first use.  This package never imports torch.
+
+Modules, one concept each: ``penalty`` (the closed-form SPR), ``instance`` (the data of (P)),
+``models`` (Pyomo models), ``highs`` (everything that talks to HiGHS), ``bounds`` (root big-M
+and perspective bounds), ``enumerate`` (the optimum by enumerating z), ``relax`` (node
+relaxations), ``bnb`` (branch and bound), ``scip`` (the optional external peer), ``validate``
+and ``cli``.  Once loaded, the submodule ``mipprune.enumerate`` is a global of this file: do
+not call the builtin ``enumerate`` here.
 """
 
 from importlib import import_module
 
 from .instance import Instance, least_squares_instance, random_instance
-from .spr import C1, C2, C3, SPR, bigm_grad, bigm_value, spr, spr_grad, spr_numeric, spr_value
+from .penalty import C1, C2, C3, SPR, bigm_grad, bigm_value, spr, spr_grad, spr_numeric, spr_value
 
 __version__ = "0.1.0"
 
@@ -18,10 +25,10 @@ _LAZY = {
     "NodeRelaxation": "relax",
     "RelaxResult": "relax",
     "pr_bound_closed_form": "relax",
-    "bigm_bound": "solve",
-    "pr_bound_cuts": "solve",
-    "enumerate_solve": "solve",
-    "solve_fixed_z": "solve",
+    "bigm_bound": "bounds",
+    "pr_bound_cuts": "bounds",
+    "enumerate_solve": "enumerate",
+    "solve_fixed_z": "enumerate",
     "scip_solve": "scip",
     "validate": "validate",
 }

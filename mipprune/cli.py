@@ -103,7 +103,7 @@ def _parser():
 
 
 def _penalty(args):
-    from .spr import bigm_value, spr, spr_grad
+    from .penalty import bigm_value, spr, spr_grad
 
     w = np.asarray([args.w])
     r = spr(w, args.a, args.b, args.M)
@@ -126,8 +126,9 @@ def _solve(args):
 
     inst = Instance.load(args.instance)  # ValueError -> exit 2 in main
     from .bnb import branch_and_bound
+    from .bounds import bigm_bound
+    from .enumerate import enumerate_solve
     from .relax import pr_bound_closed_form
-    from .solve import bigm_bound, enumerate_solve
 
     bigm = bigm_bound(inst)
     pr = pr_bound_closed_form(inst)

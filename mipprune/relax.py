@@ -34,6 +34,11 @@ Conjugates.  With K(y) = sum_i huber_i,  huber = y^2/(4a) if |y| <= 2aM else M|y
     out: 0     in: K(y) - b     perspective free: max(0, K(y) - b)   (sup over w = z p is linear in z)
     big-M free: max_{z in [0,1]} sum_i H_i(z) - b z,  H_i(z) = sup_{|w|<=Mz} y_i w - a w^2,
                 a concave maximisation solved with the same Newton scheme.
+
+One concept, kept in one module although it is longer than most: the node relaxation.  Its
+three parts -- per-group prox and conjugate (numba kernels), FISTA, and the certified bound
+(LB) -- are one solver: (LB) is only valid with the conjugate of the very h_j whose prox FISTA
+steps with, and the kernels call each other inside ``_fista``'s compiled loop.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import numpy as np
 from numba import njit
 
 from .instance import Instance
-from .spr import spr
+from .penalty import spr
 
 __all__ = ["OUT", "IN", "FREE", "BOUNDS", "NodeRelaxation", "RelaxResult", "pr_bound_closed_form"]
 

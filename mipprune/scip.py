@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .instance import Instance
-from .solve import solve_fixed_z
+from .enumerate import solve_fixed_z
 
 __all__ = ["ScipResult", "scip_solve", "scip_available"]
 
@@ -91,7 +91,7 @@ def scip_solve(instance: Instance, formulation: str = "bigm", gap_tol: float = 1
     zv = np.round(np.clip([m.getVal(x) for x in z], 0, 1))
     wv = np.clip(wv, -inst.M[gof], inst.M[gof]) * zv[gof]
     obj = inst.objective(wv, zv)
-    # SCIP meets its nonlinear rows only to its feasibility tolerance (objectives ~1e-7 high):
+    # SCIP meets its nonlinear rows only to its feasibility tolerance (objectives slightly high):
     # re-solve the QP of its pattern exactly
     exact = solve_fixed_z(inst, zv)
     if exact.value <= obj:

@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .bnb import branch_and_bound
+from .bounds import bigm_bound, pr_bound_cuts
+from .enumerate import enumerate_solve
 from .instance import random_instance
 from .relax import pr_bound_closed_form
-from .solve import bigm_bound, enumerate_solve, pr_bound_cuts
 
 __all__ = ["Check", "validate", "validate_instance", "format_table"]
 

@@ -1,35 +1,40 @@
-"""``python -m nn train ...``: the pruning pipeline (nn.pipeline) from the command line.
+"""``python -m nn train ...``: the pruning pipeline (:mod:`nn.pipeline`) from the command line.
 
     python -m nn train --method spr --model resnet20 --data fashion-mnist --quick --out runs/q
     python -m nn train --method l1-filter --mac-target 0.5 --data cifar10 --data-dir data
     torchrun --nproc_per_node 4 -m nn train --method spr --data cifar10 --device cuda
 
-Every option defaults to :class:`nn.pipeline.PipelineConfig`'s field; ``--quick`` applies the
-:data:`QUICK` preset first (options given explicitly still win).  Bad arguments, an ``--out``
-that already holds a run (without ``--resume``) or a missing dataset: one line on stderr and
-exit status 2.  The final report is printed as a table (rank 0).
+Options are flat; each lands in one field of the nested :class:`nn.config.RunConfig` (the
+:data:`OPTIONS` table says where), and ``--help`` prints that field's default.  ``--quick``
+applies the :data:`QUICK` preset first (options given explicitly still win).  A method's own
+options (``--alpha`` for spr and bigm, ``--theta-lr`` for variational, ...) are an error with
+another method.  Old spellings keep working: ``--cost params|macs|SHARE``, ``--beta B``
+(params share B, MACs 1 - B), ``--gamma G`` (blocks weight G), ``--slimming-lambda X``
+(``--lam X``).  Bad arguments, an ``--out`` that already holds a run (without ``--resume``) or a
+missing dataset: one line on stderr and exit status 2.  The final report is printed as a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import sys
 
-from nn.baselines import METHODS, SCORES
-from nn.data import DATASETS
-from nn.models import MODELS
+from nn.cost import CostConfig, parse_cost
+from nn.methods import METHODS, get_method
 
-__all__ = ["main", "QUICK", "build_parser", "config_from_args"]
+__all__ = ["main", "QUICK", "OPTIONS", "build_parser", "config_from_args"]
 
-QUICK = dict(
-    data="fashion-mnist", subset=15000, epochs=5, finetune_epochs=2, finetune_lr=0.02,
-    tolerance=1.0, bisect_images=4096, latency_repeats=20, preset="quick")
+QUICK = {"data": {"subset": 15000}, "optim": {"epochs": 5, "finetune_epochs": 2,
+                                             "finetune_lr": 0.02},
+         "selection": {"tolerance": 1.0, "bisect_images": 4096},
+         "runtime": {"latency_repeats": 20}}
 """``--quick``: a real-data demo on Fashion-MNIST that ends on 2 CPU cores in well under 15
 minutes -- a stratified 15k-image training subset, 5 regularised epochs, bisection on 4096
 training images with a 1 pp tolerance, 2 fine-tuning epochs (lr 0.02), the full 10k test set;
-the penalty keeps PipelineConfig's defaults (tuned on this run)."""
+the method keeps its defaults."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,7 +62,7 @@ def _num(name, kind=float, lo=None, strict=False, hi=None):
 
 
 def _count_or_all(name):
-    """An int >= 1, or ``all`` -> None (what the config calls "every one")."""
+    """An int >= 1, or ``all`` -> None (what the options call "every one")."""
     count = _num(name, int, 1)
 
     def parse(text):
@@ -72,13 +77,17 @@ def _count_or_all(name):
 
 
 def _cost(text):
+    """``key=value`` items (:func:`nn.cost.parse_cost`; only the keys given), or an old
+    spelling: ``params``, ``macs`` or a MAC share in [0, 1] (the rest on parameters)."""
     if text in ("params", "macs"):
-        return text
-    x = _num("--cost", float, 0)(text)
-    if x > 1:
-        raise argparse.ArgumentTypeError(f"--cost must be params, macs or a MAC share in [0, 1], "
-                                         f"got {text}")
-    return x
+        return {"macs": float(text == "macs"), "params": float(text == "params")}
+    if "=" not in text:
+        share = _num("--cost", float, 0, hi=1)(text)
+        return {"macs": share, "params": 1 - share}
+    try:
+        return parse_cost(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _batches(text):
@@ -105,112 +114,211 @@ def _synthetic(text):
     return out
 
 
+# flag -> (part, field, argparse keywords); "options" fields belong to the chosen method
+OPTIONS = {
+    "--method": ("method", "name", dict(choices=METHODS, help="pruning method")),
+    "--model": ("model", "name", dict(help="resnet20/32/44/56/110, resnet18/34/50")),
+    "--width": ("model", "width", dict(type=_num("--width", float, 0, True),
+                                       help="channel multiplier")),
+    "--shortcut": ("model", "shortcut", dict(choices=("A", "B"),
+                                             help="option A (pad) or B (1x1 conv)")),
+    "--data": ("data", "name", dict(help="fashion-mnist, cifar10, cifar100, imagenet, "
+                                         "synthetic")),
+    "--data-dir": ("data", "dir", dict(help="dataset folder (nothing is downloaded)")),
+    "--subset": ("data", "subset", dict(type=_num("--subset", int, 1),
+                                        help="stratified training subset size")),
+    "--synthetic": ("data", "synthetic", dict(type=_synthetic, help="make_synthetic "
+                                              "keywords, e.g. n_train=256,image_size=8")),
+    "--epochs": ("optim", "epochs", dict(type=_num("--epochs", int, 1),
+                                         help="regularised training epochs")),
+    "--finetune-epochs": ("optim", "finetune_epochs",
+                          dict(type=_num("--finetune-epochs", int, 0))),
+    "--batch-size": ("optim", "batch_size", dict(type=_num("--batch-size", int, 1),
+                                                 help="global batch (split over ranks)")),
+    "--eval-batch-size": ("optim", "eval_batch_size",
+                          dict(type=_num("--eval-batch-size", int, 1))),
+    "--lr": ("optim", "lr", dict(type=_num("--lr", float, 0, True))),
+    "--finetune-lr": ("optim", "finetune_lr", dict(type=_num("--finetune-lr", float, 0, True))),
+    "--momentum": ("optim", "momentum", dict(type=_num("--momentum", float, 0))),
+    "--nesterov": ("optim", "nesterov", dict(action="store_true")),
+    "--weight-decay": ("optim", "weight_decay", dict(type=_num("--weight-decay", float, 0))),
+    "--schedule": ("optim", "schedule", dict(choices=("cosine", "multistep", "constant"))),
+    "--warmup-epochs": ("optim", "warmup_epochs", dict(type=_num("--warmup-epochs", float, 0),
+                                                       help="linear lr warm-up")),
+    "--lam": ("method", "lam", dict(type=_num("--lam", float, 0),
+                                    help="the method's strength")),
+    "--structures": ("method", "structures", dict(
+        choices=("filter", "stream", "filter+stream"), help="what is pruned and regularised")),
+    "--cost": ("method", "cost", dict(type=_cost, help="price of a structure (spr, bigm, "
+               "variational): weights of macs, params, blocks and the basis saved|own, e.g. "
+               "macs=0.5,params=0.5,blocks=0,basis=saved (basis own, params=1, macs=0: the SPR "
+               "authors' own-parameter weighting)")),
+    "--beta": ("method", "cost", dict(type=_num("--beta", float, 0, hi=1), help="old spelling: "
+               "--cost params=B,macs=1-B")),
+    "--gamma": ("method", "cost", dict(type=_num("--gamma", float, 0),
+                                       help="old spelling: --cost blocks=G")),
+    "--slimming-lambda": ("method", "lam", dict(type=_num("--slimming-lambda", float, 0),
+                                                help="old spelling of --lam for slimming")),
+    "--alpha": ("options", "alpha", dict(type=_num("--alpha", float, 0, hi=1),
+                                         help="ridge share: a = lam alpha cost")),
+    "--M-scale": ("options", "M_scale", dict(type=_num("--M-scale", float, 0, True),
+                                             help="M = M_scale max|w|")),
+    "--beyond-M": ("options", "beyond_M", dict(choices=("extend", "project"))),
+    "--reference": ("options", "reference", dict(
+        help="checkpoint/state_dict whose weights set M (default: the initial weights)")),
+    "--score": ("options", "score", dict(choices=("norm", "z"),
+                                         help="ranking: group norm t_j or z*_j")),
+    "--theta-lr": ("options", "theta_lr", dict(type=_num("--theta-lr", float, 0, True),
+                   help="projected-SGD step on the gate probabilities")),
+    "--estimator": ("options", "estimator", dict(
+        choices=("st", "reinforce", "flip"), help="gradient estimator: flip (exact per-gate "
+        "differences, unbiased, one extra partial forward per gate flipped), st "
+        "(straight-through: free, biased) or reinforce (unbiased, high variance)")),
+    "--flip-units": ("options", "flip_units", dict(type=_count_or_all("--flip-units"),
+                     help="unit gates flipped per step, or 'all'")),
+    "--flip-blocks": ("options", "flip_blocks", dict(type=_count_or_all("--flip-blocks"),
+                      help="block gates flipped per step, or 'all'")),
+    "--gate-warmup-epochs": ("options", "gate_warmup_epochs", dict(
+        type=_num("--gate-warmup-epochs", float, 0), help="epochs before theta moves")),
+    "--theta-init": ("options", "theta_init", dict(type=_num("--theta-init", float, 0, True,
+                     hi=1), help="initial keep probability of every gate")),
+    "--select": ("selection", "rule", dict(choices=("auto", "bisection", "mac-target"),
+                 help="auto: the method's own rule")),
+    "--tolerance": ("selection", "tolerance", dict(type=_num("--tolerance", float, 0, hi=100),
+                    help="allowed training-accuracy drop, percentage points")),
+    "--bisect-images": ("selection", "bisect_images", dict(
+        type=_num("--bisect-images", int, 1), help="calibration images")),
+    "--mac-target": ("selection", "mac_target", dict(
+        type=_num("--mac-target", float, 0, True, hi=1), help="fraction of dense MACs kept")),
+    "--device": ("runtime", "device", dict(help="auto, cpu, cuda, cuda:N")),
+    "--amp": ("runtime", "amp", dict(choices=("auto", "on", "off", "bf16", "fp16"))),
+    "--channels-last": ("runtime", "channels_last", dict(action="store_true")),
+    "--compile": ("runtime", "compile", dict(action="store_true")),
+    "--seed": ("runtime", "seed", dict(type=_num("--seed", int, 0))),
+    "--out": ("runtime", "out", dict(help="run folder (stages, checkpoints, report, "
+                                          "pruned.pt)")),
+    "--resume": ("runtime", "resume", dict(action="store_true",
+                                           help="continue the run in --out")),
+    "--no-progress": ("runtime", "progress", dict(action="store_false",
+                                                  help="hide progress bars")),
+    "--threads": ("runtime", "threads", dict(type=_num("--threads", int, 1),
+                                             help="torch CPU threads")),
+    "--latency-batches": ("runtime", "latency_batches", dict(
+        type=_batches, help="batch sizes timed, e.g. 1,64 ('' for none)")),
+    "--latency-repeats": ("runtime", "latency_repeats",
+                          dict(type=_num("--latency-repeats", int, 1))),
+}
+_ALIASES = {"--beta", "--gamma", "--slimming-lambda"}
+_UNSET = {"--shortcut": "the model's published choice (A for CIFAR, B for ImageNet ResNets)",
+          "--data-dir": "the dataset's standard folder", "--subset": "the whole training set",
+          "--threads": "torch's own", "--reference": None, "--synthetic": "make_synthetic's",
+          "--flip-units": "all", "--flip-blocks": "all"}
+"""What a default of None means, per option (None: the help text says it already)."""
+
+
+def _owners(field: str) -> list[str]:
+    """The methods whose options have ``field``."""
+    return [m for m in METHODS if get_method(m).options is not None
+            and field in {f.name for f in dataclasses.fields(get_method(m).options)}]
+
+
+def _default_text(flag: str) -> str:
+    """Where the default comes from, printed once in ``--help``."""
+    from nn.config import RunConfig
+
+    part, name, kw = OPTIONS[flag]
+    if flag in _ALIASES or kw.get("action") in ("store_true", "store_false"):
+        return ""
+    if part == "options":
+        owners = _owners(name)
+        cls = get_method(owners[0]).options
+        value = {f.name: f.default for f in dataclasses.fields(cls)}[name]
+        text = f"{', '.join(owners)}" + ("" if value is None and _UNSET.get(flag) is None
+                                          else f"; default {_shown(flag, value)}")
+    elif (part, name) == ("method", "lam"):
+        text = "default " + ", ".join(f"{m} {get_method(m).lam:g}" for m in METHODS
+                                      if get_method(m).lam is not None)
+    elif (part, name) == ("method", "cost"):
+        text = f"default {CostConfig().formula()}"
+    else:
+        value = getattr(getattr(RunConfig(), part), name)
+        if value is None and _UNSET.get(flag) is None:
+            return ""
+        text = f"default {'+'.join(value) if name == 'structures' else _shown(flag, value)}"
+    quick = QUICK.get(part, {}).get(name)
+    return text + (f"; --quick {quick!r}" if quick is not None else "")
+
+
+def _shown(flag: str, value) -> str:
+    if value is None:
+        return _UNSET[flag]
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return repr(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m nn", description="Train, prune, compress and fine-tune "
                 "ResNets (mipprune's torch layer).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", argument_default=argparse.SUPPRESS,
-                       help="regularised training -> selection -> compress -> fine-tune -> report",
-                       description="Defaults: nn.pipeline.PipelineConfig (the published recipe); "
-                       "--quick: the Fashion-MNIST demo preset.")
-    a = t.add_argument
-    a("--quick", action="store_true", help="Fashion-MNIST demo preset (explicit options win)")
-    a("--method", choices=METHODS, help="SPR, its big-M ablation or a baseline")
-    a("--model", choices=sorted(MODELS))
-    a("--width", type=_num("--width", float, 0, True), help="channel multiplier")
-    a("--shortcut", choices=("A", "B"), help="option A (pad) or B (1x1 conv)")
-    a("--data", choices=tuple(DATASETS))
-    a("--data-dir", help="dataset folder (nothing is downloaded)")
-    a("--subset", type=_num("--subset", int, 1), help="stratified training subset size")
-    a("--synthetic", type=_synthetic, help="make_synthetic keywords, e.g. n_train=256,image_size=8")
-    a("--epochs", type=_num("--epochs", int, 1), help="regularised training epochs")
-    a("--finetune-epochs", type=_num("--finetune-epochs", int, 0))
-    a("--batch-size", type=_num("--batch-size", int, 1), help="global batch (split over ranks)")
-    a("--eval-batch-size", type=_num("--eval-batch-size", int, 1))
-    a("--lr", type=_num("--lr", float, 0, True))
-    a("--finetune-lr", type=_num("--finetune-lr", float, 0, True))
-    a("--momentum", type=_num("--momentum", float, 0))
-    a("--nesterov", action="store_true")
-    a("--weight-decay", type=_num("--weight-decay", float, 0))
-    a("--schedule", choices=("cosine", "multistep", "constant"))
-    a("--warmup-epochs", type=_num("--warmup-epochs", float, 0))
-    a("--lam", type=_num("--lam", float, 0),
-      help="SPR/big-M strength, or the variational price of the normalised expected cost "
-           "(default 4.5 for spr/bigm, 1.0 for variational)")
-    a("--alpha", type=_num("--alpha", float, 0, hi=1), help="ridge share: a = lam alpha n/N")
-    a("--M-scale", dest="M_scale", type=_num("--M-scale", float, 0, True))
-    a("--cost", type=_cost, help="n_j: params, macs or a MAC share in [0, 1]")
-    a("--beyond-M", dest="beyond_M", choices=("extend", "project"))
-    a("--reference", help="checkpoint/state_dict whose weights set M (default: initial weights)")
-    a("--structures", choices=("filter", "stream", "filter+stream"),
-      help="what is pruned and regularised (default: filter)")
-    a("--score", choices=SCORES, help="spr/bigm ranking: group norm t_j or z*_j")
-    a("--select", choices=("auto", "bisection", "mac-target"),
-      help="auto: bisection for spr/bigm, MAC target for l1-filter/slimming")
-    a("--tolerance", type=_num("--tolerance", float, 0, hi=100),
-      help="allowed training-accuracy drop, percentage points")
-    a("--bisect-images", type=_num("--bisect-images", int, 1))
-    a("--mac-target", type=_num("--mac-target", float, 0, True, hi=1),
-      help="fraction of dense MACs to keep")
-    a("--slimming-lambda", type=_num("--slimming-lambda", float, 0))
-    a("--beta", type=_num("--beta", float, 0, hi=1),
-      help="variational: params share of the cost (1 - beta: MACs)")
-    a("--gamma", type=_num("--gamma", float, 0),
-      help="variational: extra price of depth, E[blocks]/B")
-    a("--theta-lr", dest="theta_lr", type=_num("--theta-lr", float, 0, True),
-      help="variational: projected-SGD step on the gate probabilities")
-    a("--estimator", choices=("st", "reinforce", "flip"),
-      help="variational: gradient estimator: flip (default: exact per-gate differences, "
-           "unbiased, one extra partial forward per gate flipped), st (straight-through: "
-           "free, biased) or reinforce (unbiased, high variance)")
-    a("--flip-units", dest="flip_units", type=_count_or_all("--flip-units"),
-      help="variational, flip: unit gates flipped per step, or 'all'")
-    a("--flip-blocks", dest="flip_blocks", type=_count_or_all("--flip-blocks"),
-      help="variational, flip: block gates flipped per step, or 'all'")
-    a("--gate-warmup-epochs", dest="gate_warmup_epochs",
-      type=_num("--gate-warmup-epochs", float, 0), help="variational: epochs before theta moves")
-    a("--theta-init", dest="theta_init", type=_num("--theta-init", float, 0, True, hi=1),
-      help="variational: initial keep probability of every gate")
-    a("--device", help="auto, cpu, cuda, cuda:N")
-    a("--amp", choices=("auto", "on", "off", "bf16", "fp16"))
-    a("--channels-last", action="store_true")
-    a("--compile", action="store_true")
-    a("--seed", type=_num("--seed", int, 0))
-    a("--out", help="run folder (stages, checkpoints, report, pruned.pt)")
-    a("--resume", action="store_true", help="continue the run in --out, skipping done stages")
-    a("--no-progress", dest="progress", action="store_false")
-    a("--threads", type=_num("--threads", int, 1), help="torch CPU threads")
-    a("--latency-batches", type=_batches, help="e.g. 1,64 ('' for none)")
-    a("--latency-repeats", type=_num("--latency-repeats", int, 1))
-    _document_defaults(t)
+                       help="training -> selection -> compress -> fine-tune -> report",
+                       description="Methods: " + "; ".join(
+                           f"{m}: {get_method(m).summary}" for m in METHODS))
+    t.add_argument("--quick", action="store_true",
+                   help="Fashion-MNIST demo preset (explicit options win)")
+    for flag, (part, name, kw) in OPTIONS.items():
+        extra = _default_text(flag)
+        help_text = "; ".join(x for x in (kw.get("help"), extra) if x)
+        if kw.get("action") is None and "choices" not in kw:
+            kw = kw | {"metavar": flag.lstrip("-").upper().replace("-", "_")}
+        t.add_argument(flag, dest=flag, **(kw | {"help": help_text or None}))
     return p
 
 
-def _document_defaults(parser: argparse.ArgumentParser) -> None:
-    """Append each option's default (PipelineConfig's field) and quick value to its help."""
-    import dataclasses
-
-    from nn.pipeline import PipelineConfig
-
-    fields = {f.name: f.default for f in dataclasses.fields(PipelineConfig)}
-    for act in parser._actions:
-        if act.dest not in fields or isinstance(act, argparse._StoreTrueAction):
-            continue
-        text = f"default {fields[act.dest]!r}"
-        if act.dest in QUICK and QUICK[act.dest] != fields[act.dest]:
-            text += f", --quick {QUICK[act.dest]!r}"
-        act.help = f"{act.help}; {text}" if act.help else text
-
-
 def config_from_args(ns: argparse.Namespace):
-    """PipelineConfig: defaults <- preset (``--quick``) <- explicit options."""
-    from nn.pipeline import PipelineConfig
+    """:class:`~nn.config.RunConfig`: defaults <- preset (``--quick``) <- explicit options.
+    ``ValueError`` (one line) for a combination that cannot run."""
+    from nn.config import RunConfig
 
-    given = {k: v for k, v in vars(ns).items() if k not in ("command", "quick")}
-    if "structures" in given:
-        given["structures"] = tuple(given["structures"].split("+"))
-    kwargs = {**(QUICK if getattr(ns, "quick", False) else {}), **given}
-    return PipelineConfig(**kwargs)
+    given = {k: v for k, v in vars(ns).items() if k.startswith("--")}
+    quick = getattr(ns, "quick", False)
+    parts = {part: dict(QUICK.get(part, {})) if quick else {} for part in
+             ("data", "model", "optim", "selection", "runtime")}
+    method = {"cost": {}, "options": {}}
+    for alias, real in (("--slimming-lambda", "--lam"), ("--beta", "--cost"),
+                        ("--gamma", "--cost")):
+        if alias in given and real in given:
+            raise ValueError(f"{alias} is an old spelling of {real}: give one of them")
+    for flag, value in given.items():
+        part, name, _ = OPTIONS[flag]
+        if flag == "--beta":
+            method["cost"] |= {"params": value, "macs": 1 - value}
+        elif flag == "--gamma":
+            method["cost"]["blocks"] = value
+        elif part == "options":
+            method["options"][name] = (flag, value)
+        elif part == "method":
+            method[name] = value if name != "cost" else method["cost"] | value
+        else:
+            parts[part][name] = value
+    name = method.get("name", RunConfig().method.name)
+    chosen = get_method(name)
+    opts = {}
+    for field, (flag, value) in method.pop("options").items():
+        if name not in _owners(field):
+            raise ValueError(f"{flag} is an option of {', '.join(_owners(field))}, not of "
+                             f"--method {name}")
+        opts[field] = value
+    if chosen.lam is None and "lam" in method:
+        raise ValueError(f"--lam: method {name} takes no strength")
+    if method["cost"] and not chosen.uses_cost:
+        raise ValueError(f"--cost: method {name} does not read a cost")
+    if "structures" in method:
+        method["structures"] = tuple(method["structures"].split("+"))
+    method["cost"] = dataclasses.replace(CostConfig(), **method["cost"])
+    method["options"] = opts
+    return RunConfig(**parts, method=method, preset="quick" if quick else None)
 
 
 def main(argv=None) -> int:

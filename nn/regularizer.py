@@ -1,21 +1,21 @@
-"""The SPR regularizer in torch: the validated formula of :mod:`mipprune.spr`, evaluated on
+"""The SPR regularizer in torch: the validated formula of :mod:`mipprune.penalty`, evaluated on
 weight tensors, plus the recipe that sets its coefficients from a model.
 
-Per group ``j`` (the writer slices of one prunable structure, see :mod:`nn.structures`) with
+Per group ``j`` (the writer slices of one prunable structure, see :mod:`nn.models`) with
 ``t = ||w_j||_2``, ``m = ||w_j||_inf``, ``c = sqrt(a_j / b_j)``::
 
     C1  max(m/M, c t) >= 1 :  a t^2 + b                (also beyond the box m > M: "extend")
     C2  m/M <= c t < 1     :  2 sqrt(a b) t
     C3  c t < m/M < 1      :  a M t^2 / m + b m / M
 
-The value *is* ``mipprune.spr.spr_value`` called on torch tensors (array-API code, one copy);
+The value *is* ``mipprune.penalty.spr_value`` called on torch tensors (array-API code, one copy);
 gradients are finite at ``w = 0`` and on every case boundary (double-``where`` there).
 
-Published recipe (first author's code): ``a_j = lam alpha n_j / N``, ``b_j = lam (1 - alpha)
-n_j / N`` with ``n_j`` the parameters of structure ``j`` and ``N`` those of the model; with
-``cost="macs"`` MACs replace parameters, and a float ``beta`` mixes them:
-``n_j / N := (1 - beta) params_j / params + beta macs_j / macs``.  ``n_j`` counts the writer and
-reader slices (:attr:`Family.params`, :attr:`Family.macs`), i.e. what removing ``j`` saves.
+Coefficients: ``a_j = lam alpha cost_j``, ``b_j = lam (1 - alpha) cost_j`` with ``cost_j`` the
+run's price of structure ``j`` (:func:`nn.cost.structure_costs`: a weighted sum of its
+normalised MACs, parameters and blocks, counted as what its removal saves or as its own
+slices).  The SPR authors' code takes ``cost_j = n_j / N``, the group's own parameters over the
+model's: ``CostConfig(macs=0, params=1, basis="own")``.
 ``M_j = M_scale * max|w|`` over the family's writer tensors (one conv-BN block for a filter
 family) in a reference model.
 
@@ -27,16 +27,18 @@ so a training loop can always call it).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn as tnn
 
-from mipprune.spr import C1, C2, C3, bigm_value, spr, spr_value
+from mipprune.penalty import C1, C2, C3, bigm_value, spr, spr_value
 from nn.complexity import count_params, layer_macs
-from nn.structures import KINDS, Family, build_families, group_weights
+from nn.cost import CostConfig, structure_costs
+from nn.models import KINDS, Family, build_families, group_weights
 
 __all__ = ["spr_penalty", "bigm_penalty", "SPRConfig", "SPRRegularizer"]
 
@@ -66,14 +68,14 @@ def _checked(w, a, b, M):
 def spr_penalty(w: torch.Tensor, a, b, M) -> torch.Tensor:
     """Per-group SPR of the rows of ``w`` (shape ``(groups,)``; see the module docstring).
 
-    ``a``, ``b``, ``M``: scalars or per-group tensors.  Calls ``mipprune.spr.spr_value``.
+    ``a``, ``b``, ``M``: scalars or per-group tensors.  Calls ``mipprune.penalty.spr_value``.
     """
     return spr_value(w, *_checked(w, a, b, M))
 
 
 def bigm_penalty(w: torch.Tensor, a, b, M) -> torch.Tensor:
     """Per-group big-M relaxation penalty ``a ||w||^2 + b min(||w||_inf / M, 1)`` (the ablation;
-    calls ``mipprune.spr.bigm_value``)."""
+    calls ``mipprune.penalty.bigm_value``)."""
     return bigm_value(w, *_checked(w, a, b, M))
 
 
@@ -83,32 +85,31 @@ _PENALTIES = {"spr": spr_penalty, "bigm": bigm_penalty}
 @dataclass(frozen=True)
 class SPRConfig:
     """Regularizer settings.  ``lam`` (λ >= 0) scales everything; ``alpha`` in [0, 1] splits it
-    into ridge ``a`` and cost ``b``; ``M_scale > 0``; ``cost`` is ``"params"``, ``"macs"`` or the
-    MAC share ``beta`` in [0, 1]; ``kinds`` the structure kinds regularized (default: free
-    filters and stream channels, whose groups partition every conv/BN parameter);
-    ``beyond_M`` ``"extend"`` | ``"project"``; ``penalty`` ``"spr"`` | ``"bigm"``."""
+    into ridge ``a`` and cost ``b``; ``M_scale > 0``; ``cost`` the price of a structure
+    (:class:`nn.cost.CostConfig`); ``kinds`` the structure kinds regularized; ``beyond_M``
+    ``"extend"`` | ``"project"``; ``penalty`` ``"spr"`` | ``"bigm"``.  The defaults are the
+    pipeline's (``nn.methods.spr``)."""
 
     lam: float
-    alpha: float = 0.5
-    M_scale: float = 1.0
-    cost: str | float = "params"
-    kinds: tuple[str, ...] = ("filter", "stream")
+    alpha: float = 0.1
+    M_scale: float = 2.0
+    cost: CostConfig = field(default_factory=CostConfig)
+    kinds: tuple[str, ...] = ("filter",)
     beyond_M: str = "extend"
     penalty: str = "spr"
 
     def __post_init__(self):
         def number(x):
-            return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
         if not number(self.lam) or self.lam < 0:
-            raise ValueError(f"lam must be a number >= 0, got {self.lam!r}")
+            raise ValueError(f"lam must be a finite number >= 0, got {self.lam!r}")
         if not number(self.alpha) or not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
         if not number(self.M_scale) or self.M_scale <= 0:
             raise ValueError(f"M_scale must be > 0, got {self.M_scale!r}")
-        if not (self.cost in ("params", "macs") or (number(self.cost) and 0 <= self.cost <= 1)):
-            raise ValueError(f"cost must be 'params', 'macs' or a float in [0, 1], "
-                             f"got {self.cost!r}")
+        if not isinstance(self.cost, CostConfig):
+            raise ValueError(f"cost must be an nn.cost.CostConfig, got {self.cost!r}")
         kinds = tuple(self.kinds) if isinstance(self.kinds, (list, tuple)) else None
         if not kinds or any(k not in KINDS for k in kinds) or len(set(kinds)) != len(kinds):
             raise ValueError(f"kinds must be distinct values of {KINDS}, got {self.kinds!r}")
@@ -117,10 +118,6 @@ class SPRConfig:
             raise ValueError(f"beyond_M must be 'extend' or 'project', got {self.beyond_M!r}")
         if self.penalty not in _PENALTIES:
             raise ValueError(f"penalty must be 'spr' or 'bigm', got {self.penalty!r}")
-
-    @property
-    def macs_share(self) -> float:
-        return {"params": 0.0, "macs": 1.0}.get(self.cost, self.cost)
 
 
 def _reference_state(reference, model: tnn.Module) -> Mapping:
@@ -153,20 +150,19 @@ class SPRRegularizer:
         if not isinstance(config, SPRConfig):
             raise ValueError(f"config must be an SPRConfig, got {type(config).__name__}")
         self.model, self.config = model, config
-        beta = config.macs_share
-        lm = layer_macs(model, input_size) if beta > 0 else None
-        self.families: list[Family] = [f for f in build_families(model, lm)
-                                       if f.kind in config.kinds]
+        lm = layer_macs(model, input_size) if config.cost.macs > 0 else None
+        every = build_families(model, lm)
+        self.families: list[Family] = [f for f in every if f.kind in config.kinds]
         if not self.families:
             raise ValueError(f"model has no structures of kinds {config.kinds}")
-        n_params, n_macs = count_params(model), (sum(lm.values()) if lm else 1)
+        totals = {"params": count_params(model), "macs": sum(lm.values()) if lm else 1,
+                  "blocks": sum(f.kind == "block" for f in every)}
+        self.cost = structure_costs(self.families, config.cost, totals)
         ref = _reference_state(reference, model)
         self.a, self.b, self.M = {}, {}, {}
         for f in self.families:
-            share = ((1 - beta) * torch.tensor(f.params, dtype=torch.float64) / n_params
-                     + beta * torch.tensor(f.macs, dtype=torch.float64) / n_macs)
-            self.a[f.name] = config.lam * config.alpha * share
-            self.b[f.name] = config.lam * (1 - config.alpha) * share
+            self.a[f.name] = config.lam * config.alpha * self.cost[f.name]
+            self.b[f.name] = config.lam * (1 - config.alpha) * self.cost[f.name]
             missing = [p.param for p in f.writers if p.param not in ref]
             if missing:
                 raise ValueError(f"reference lacks {missing[0]!r}")
@@ -212,7 +208,7 @@ class SPRRegularizer:
 
     @torch.no_grad()
     def case_stats(self) -> dict[str, dict[str, float]]:
-        """Share of groups in cases C1/C2/C3 of SPR (``mipprune.spr.spr(...).case``) for every
+        """Share of groups in cases C1/C2/C3 of SPR (``mipprune.penalty.spr(...).case``) for every
         family and over all groups (key ``"all"``), plus the number of groups ``"n"``."""
         counts = {}
         for fams, w, (a, b, M) in self._groups():

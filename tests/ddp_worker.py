@@ -1,7 +1,7 @@
 """Helper of ``tests/test_nn_train.py``, started as ``torchrun --standalone --nproc_per_node=2
 tests/ddp_worker.py ROOT`` (CPU, gloo).
 
-Each rank trains, through :func:`nn.train.train` (which initialises and destroys the process
+Each rank trains, through :func:`nn.training.train` (which initialises and destroys the process
 group from torchrun's environment itself), (1) a BN-free net and (2) a tiny ResNet-20 with BN, on
 its half of every global batch (:func:`test_nn_train.ddp_case`).  ``train`` is given
 ``ROOT/<kind>/rank<r>`` as ``out_dir``, so a file written by rank 1 would show up there.  The
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nn.train import distributed_env, train
+from nn.training import distributed_env, train
 from test_nn_train import ddp_case
 
 

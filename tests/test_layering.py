@@ -11,7 +11,7 @@ def _loaded_after(stmt):
 
 
 def test_import_mipprune_leaves_torch_unloaded():
-    mods = _loaded_after("import mipprune, mipprune.spr, mipprune.instance")
+    mods = _loaded_after("import mipprune, mipprune.penalty, mipprune.instance")
     assert "mipprune" in mods
     assert "torch" not in mods
     # solvers load lazily, so nn can use the formula on machines without them
@@ -23,6 +23,31 @@ def test_solvers_do_not_load_torch():
                          "m.branch_and_bound(i); import mipprune.cli")
     assert "pyomo" in mods and "numba" in mods and "highspy" in mods
     assert "torch" not in mods
+
+
+def test_import_nn_leaves_solvers_unloaded():
+    # nn uses only the pure formula (mipprune.penalty): GPU machines lack pyomo and highspy
+    mods = _loaded_after("import nn, nn.regularizer")
+    assert "nn" in mods and "torch" in mods and "mipprune" in mods
+    assert "pyomo" not in mods and "highspy" not in mods
+
+
+def test_module_names_do_not_shadow_exports():
+    # importing a submodule binds it on the package: the formula's module is ``penalty``, so
+    # ``import mipprune.penalty`` leaves the re-exported function ``mipprune.spr`` in place
+    import types
+
+    import mipprune
+    import mipprune.bounds
+    import mipprune.enumerate
+    import mipprune.highs
+    import mipprune.penalty
+
+    assert isinstance(mipprune.penalty, types.ModuleType)
+    assert callable(mipprune.spr) and not isinstance(mipprune.spr, types.ModuleType)
+    assert mipprune.spr is mipprune.penalty.spr
+    assert mipprune.bigm_bound is mipprune.bounds.bigm_bound
+    assert mipprune.enumerate_solve is mipprune.enumerate.enumerate_solve
 
 
 def test_no_torch_import_in_source():

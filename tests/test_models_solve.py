@@ -12,10 +12,10 @@ from scipy.linalg import cholesky, solve_triangular
 from scipy.optimize import lsq_linear, minimize_scalar
 
 from mipprune import models
+from mipprune.bounds import bigm_bound, pr_bound_cuts
+from mipprune.enumerate import enumerate_solve, solve_fixed_z
 from mipprune.instance import Instance, random_instance
-from mipprune.solve import (bigm_bound, enumerate_solve, pr_bound_cuts,
-                            solve_fixed_z)
-from mipprune.spr import bigm_value, spr_numeric
+from mipprune.penalty import bigm_value, spr_numeric
 
 
 def rel(x, y):
@@ -309,6 +309,7 @@ def test_scip_agrees_with_enumeration_when_installed():
 
 
 def test_models_and_solve_do_not_import_pyomo_eagerly():
-    code = ("import sys, mipprune, mipprune.models, mipprune.solve; "
+    code = ("import sys, mipprune, mipprune.models, mipprune.highs, mipprune.bounds, "
+            "mipprune.enumerate; "
             "assert not any(m == 'pyomo' or m.startswith('pyomo.') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,11 +1,11 @@
-"""The variational Bernoulli gates (nn.gates, nn.variational; DESIGN §6).
+"""The variational Bernoulli gates (nn.methods.variational; DESIGN §6).
 
 Dense equivalence at theta = 1; the exact expected cost against ``compress`` at vertices and
 against Monte Carlo at fractional theta; gate sampling statistics, the ``theta >= 0.5``
 deterministic masks, the mean-field eval network and ``round_``; projected SGD on theta
 (preconditioning, death, pinning, dead blocks, slicing); marginal costs; the gradient
 estimators against exact enumeration of all 2^8 gate patterns of a toy network; validation;
-training and exact resume through ``nn.train.train``.  Tiny models, 1 thread.
+training and exact resume through ``nn.training.train``.  Tiny models, 1 thread.
 """
 
 import copy
@@ -20,10 +20,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nn import apply_masks, build_model, compress, count_macs, count_params, layer_macs
 from nn.data import load_dataset, make_loader
-from nn.gates import ESTIMATORS, GatedResNet
+from nn.methods.variational.gated import ESTIMATORS, GatedResNet
 from nn.models import BasicBlock, Bottleneck, ResNet
-from nn.train import TIMING_KEYS, TrainConfig, train
-from nn.variational import VariationalConfig, hooks, make_gated
+from nn.training import TIMING_KEYS, TrainConfig, train
+from nn.cost import CostConfig
+from nn.methods.variational import VariationalOptions, hooks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -387,7 +388,7 @@ def test_preconditioned_step_moves_every_gate_alike_under_the_cost():
     cost gradient at theta = 1 alone, every gate moves by lr * lam (blocks no faster)."""
     net = build_model("resnet20", width=0.5, in_channels=1)
     lam = 0.8
-    gated = GatedResNet(net, (1, 8, 8), lam=lam, beta=0.4, gamma=0.2)
+    gated = GatedResNet(net, (1, 8, 8), lam=lam, cost=CostConfig(macs=0.6, params=0.4, blocks=0.2))
     mc = gated.marginal_costs()
     torch.testing.assert_close(gated.unit_cost, mc / lam)
     blocks = gated.n_units
@@ -395,7 +396,7 @@ def test_preconditioned_step_moves_every_gate_alike_under_the_cost():
     gated.step_theta(mc, lr=0.1)
     torch.testing.assert_close(gated.theta, torch.full_like(gated.theta, 1 - 0.1 * lam))
     # the plain step would remove every block at once
-    plain = GatedResNet(copy.deepcopy(net), (1, 8, 8), lam=lam, beta=0.4, gamma=0.2)
+    plain = GatedResNet(copy.deepcopy(net), (1, 8, 8), lam=lam, cost=CostConfig(macs=0.6, params=0.4, blocks=0.2))
     plain.step_theta(mc, lr=0.1 / float(mc[:blocks].mean()), precondition=False)
     assert not plain.alive[blocks:].any() and plain.alive[:blocks].any()
 
@@ -442,9 +443,9 @@ def test_dead_block_takes_its_units_with_it():
 def test_round_keeps_dead_gates_at_zero():
     """After a block died, round_() must not revive theta of its (dead) units.
 
-    Fails on nn/gates.py as written: deterministic_masks() keeps one unit of every unit family
-    -- for a dead block's family it picks a dead unit (argmax of all -1) -- and round_() then
-    writes theta = 1 for that dead unit (alive stays False)."""
+    The trap: if deterministic_masks() kept one unit of every unit family, then for a dead
+    block's family it would pick a dead unit (argmax of all -1), and round_() would write
+    theta = 1 for that dead unit (alive stays False)."""
     gated = GatedResNet(toy_net(width=3), TOY)
     sgd(gated, [0, 0, 0, 0, 0, 0, 10.0, 0])  # block.layer1.0 dies
     gated.round_()
@@ -514,7 +515,8 @@ def test_dead_units_are_sliced_out_of_the_forward(estimator):
 def test_marginal_costs_are_the_cost_gradient(beta, gamma):
     net = ResNet(Bottleneck, (2, 2), (8, 16), "imagenet", num_classes=3, in_channels=3,
                  shortcut="B")
-    gated = GatedResNet(net, (3, 32, 32), lam=1.7, beta=beta, gamma=gamma)
+    gated = GatedResNet(net, (3, 32, 32), lam=1.7,
+                        cost=CostConfig(macs=1 - beta, params=beta, blocks=gamma))
     g = torch.Generator().manual_seed(8)
     set_theta_(gated, 0.1 + 0.8 * torch.rand(len(gated.theta), generator=g))
     dead = [2, 9, gated.n_units - 3]  # units, their blocks alive
@@ -548,7 +550,8 @@ def test_marginal_cost_of_one_unit_and_one_block_by_hand():
     lam, beta, gamma = 2.0, 0.3, 0.5
     net = build_model("resnet20", width=0.5, in_channels=1)
     size = (1, 8, 8)
-    gated = GatedResNet(net, size, lam=lam, beta=beta, gamma=gamma)
+    gated = GatedResNet(net, size, lam=lam,
+                        cost=CostConfig(macs=1 - beta, params=beta, blocks=gamma))
     g = torch.Generator().manual_seed(9)
     set_theta_(gated, 0.1 + 0.8 * torch.rand(len(gated.theta), generator=g))
     fam, blk = gated.by_name["layer1.1.conv1"], gated.by_name["block.layer1.1"]
@@ -852,29 +855,40 @@ def test_theta_gradient_adds_the_cost_gradient_and_needs_a_forward():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(lam=-1.0), r"lam .*-1\.0"), (dict(lam=float("inf")), "lam .*inf"),
-    (dict(lam=True), "lam .*True"), (dict(beta=1.5), r"beta .*1\.5"),
-    (dict(beta=-0.1), r"beta .*-0\.1"), (dict(gamma=-2), "gamma .*-2"),
     (dict(theta_lr=0), "theta_lr .*> 0.*got 0"), (dict(theta_init=0.0), r"theta_init .*0\.0"),
-    (dict(theta_init=1.5), r"theta_init .*1\.5"), (dict(warmup_epochs=-1), "warmup_epochs"),
-    (dict(estimator="gumbel"), "estimator .*'gumbel'"), (dict(lam="1"), "lam .*'1'"),
+    (dict(theta_init=1.5), r"theta_init .*1\.5"),
+    (dict(gate_warmup_epochs=-1), "gate_warmup_epochs"),
+    (dict(estimator="gumbel"), "estimator .*'gumbel'"), (dict(theta_lr="1"), "theta_lr .*'1'"),
+    (dict(flip_units=0), "flip_units"), (dict(precondition=1), "precondition"),
 ])
-def test_variational_config_validation(kw, match):
+def test_variational_options_validation(kw, match):
     with pytest.raises(ValueError, match=match):
-        VariationalConfig(**kw)
-
-
-def test_variational_config_defaults_and_make_gated():
-    cfg = VariationalConfig(lam=0.7, beta=0.2, gamma=0.1, theta_init=0.9, estimator="reinforce")
-    assert cfg.to_dict()["lam"] == 0.7 and VariationalConfig().estimator == "flip"
-    gated = make_gated(toy_net(3), TOY, cfg)
-    assert (gated.lam, gated.beta, gated.gamma, gated.estimator) == (0.7, 0.2, 0.1, "reinforce")
-    assert torch.allclose(gated.theta, torch.full((8,), 0.9))
+        VariationalOptions(**kw)
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(lam=-1), "lam must be"), (dict(beta=2.0), "beta must be"),
-    (dict(gamma=float("nan")), "gamma must be"), (dict(theta_init=0.0), r"theta_init .*\(0, 1\]"),
+    (dict(macs=1.5, params=-0.1), r"params .*-0\.1"), (dict(blocks=-2), "blocks .*-2"),
+    (dict(macs=float("nan")), "macs .*nan"), (dict(basis="mine"), "basis .*'mine'"),
+])
+def test_cost_config_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CostConfig(**kw)
+
+
+def test_variational_defaults_and_the_gated_cost():
+    assert VariationalOptions().estimator == "flip"
+    gated = GatedResNet(toy_net(3), TOY, lam=0.7, cost=CostConfig(macs=0.8, params=0.2,
+                                                                    blocks=0.1),
+                        theta_init=0.9, estimator="reinforce")
+    assert (gated.lam, gated.cost_config.params, gated.cost_config.blocks, gated.estimator) \
+        == (0.7, 0.2, 0.1, "reinforce")
+    assert torch.allclose(gated.theta, torch.full((8,), 0.9))
+    assert GatedResNet(toy_net(3), TOY).cost_config == CostConfig()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lam=-1), "lam must be"), (dict(cost={"macs": 1}), "cost must be"),
+    (dict(lam=float("nan")), "lam must be"), (dict(theta_init=0.0), r"theta_init .*\(0, 1\]"),
     (dict(theta_init=1.01), "theta_init"), (dict(estimator="gumbel"), "estimator .*gumbel"),
     (dict(baseline_decay=1.5), "baseline_decay"), (dict(lam=False), "lam"),
 ])
@@ -884,7 +898,7 @@ def test_gated_resnet_constructor_errors(kw, match):
 
 
 def test_gated_resnet_rejects_other_modules_and_bad_patterns():
-    with pytest.raises(ValueError, match="wraps a dense nn.models.ResNet, got Sequential"):
+    with pytest.raises(ValueError, match="wraps a dense ResNet: .*got Sequential"):
         GatedResNet(tnn.Sequential(tnn.Conv2d(1, 2, 3)), TOY)
     small = compress(toy_net(3), {})
     with pytest.raises(ValueError, match="PrunedResNet"):
@@ -910,9 +924,8 @@ def _data():
 def _gated(estimator, seed=0):
     torch.manual_seed(seed)
     net = build_model("resnet20", width=0.25, in_channels=1, num_classes=4)
-    vcfg = VariationalConfig(lam=3.0, beta=0.5, theta_lr=0.05, estimator=estimator,
-                             warmup_epochs=0.5)
-    return make_gated(net, (1, 8, 8), vcfg), vcfg
+    vcfg = VariationalOptions(theta_lr=0.05, estimator=estimator, gate_warmup_epochs=0.5)
+    return GatedResNet(net, (1, 8, 8), lam=3.0, estimator=estimator), vcfg
 
 
 def _train(out_dir, estimator, seed=0, **kw):

@@ -1,4 +1,4 @@
-"""The pruning pipeline (nn.pipeline, nn.baselines, nn.report, nn.cli): every method end to end
+"""The pruning pipeline (nn.pipeline, nn.methods, nn.selection, nn.report, nn.cli): every method end to end
 on tiny synthetic data, the reloaded model is what the report says, the selection rules
 (bisection, MAC target) against brute force, resume, and the command line's errors.
 ResNet-20 at width 0.25 on 8x8 images, one thread."""
@@ -11,11 +11,14 @@ import pytest
 import torch
 
 from nn import build_model, compress, count_macs, count_params, load_pruned, prunable_structures
-from nn.baselines import (bisect_largest, bisect_threshold, cut_points, first_at_most,
-                          prefix_masks, removal_order, structure_scores)
-from nn.cli import QUICK, build_parser, config_from_args, main
+from nn.cli import build_parser, config_from_args, main
+from nn.config import ConfigError, RunConfig
 from nn.data import load_dataset, make_loader
-from nn.pipeline import ConfigError, PipelineConfig, evaluate, run_pipeline
+from nn.evaluation import evaluate
+from nn.methods import Run, get_method
+from nn.pipeline import run_pipeline
+from nn.selection import (bisect_largest, bisect_threshold, cut_points, first_at_most,
+                          prefix_masks, removal_order)
 
 SYN = {"n_train": 192, "n_test": 96, "image_size": 8, "num_classes": 4}
 
@@ -23,13 +26,20 @@ SYN = {"n_train": 192, "n_test": 96, "image_size": 8, "num_classes": 4}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny(tmp_path, method="spr", **kw):
-    base = dict(method=method, model="resnet20", width=0.25, data="synthetic", synthetic=SYN,
-                epochs=2, finetune_epochs=1, batch_size=32, eval_batch_size=96, lr=0.05,
-                finetune_lr=0.01, lam=1.0, bisect_images=96, tolerance=5.0, mac_target=0.6,
-                slimming_lambda=1e-3, latency_batches=(1,), latency_repeats=2, progress=False,
-                device="cpu", amp="off", out=str(tmp_path / method))
-    return PipelineConfig(**(base | kw))
+LAM = {"spr": 1.0, "bigm": 1.0, "slimming": 1e-3, "variational": 1.0}
+
+
+def tiny(tmp_path, method="spr", *, optim=None, runtime=None, options=None, **method_kw):
+    """ResNet-20 at width 0.25 on tiny synthetic data, 2 + 1 epochs, one thread's worth."""
+    return RunConfig(
+        data={"name": "synthetic", "synthetic": SYN},
+        model={"name": "resnet20", "width": 0.25},
+        optim={"epochs": 2, "finetune_epochs": 1, "batch_size": 32, "eval_batch_size": 96,
+               "lr": 0.05, "finetune_lr": 0.01} | (optim or {}),
+        method={"name": method, "lam": LAM.get(method), "options": options} | method_kw,
+        selection={"bisect_images": 96, "tolerance": 5.0, "mac_target": 0.6},
+        runtime={"latency_batches": (1,), "latency_repeats": 2, "progress": False,
+                 "device": "cpu", "amp": "off", "out": str(tmp_path / method)} | (runtime or {}))
 
 
 def strict_json(path):
@@ -39,17 +49,17 @@ def strict_json(path):
 
 
 def _test_loader(cfg):
-    bundle = load_dataset("synthetic", seed=cfg.seed, **cfg.synthetic)
-    return make_loader(bundle, "test", cfg.eval_batch_size)
+    bundle = load_dataset("synthetic", seed=cfg.runtime.seed, **cfg.data.synthetic)
+    return make_loader(bundle, "test", cfg.optim.eval_batch_size)
 
 
 # ---- end to end ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["spr", "bigm", "dense", "l1-filter", "slimming",
-                                    "variational"])
+                                    "variational", "random"])
 def test_every_method_end_to_end(tmp_path, method):
-    extra = dict(lam=3.0, theta_lr=0.05, gate_warmup_epochs=0.5) if method == "variational" \
-        else {}
+    extra = dict(lam=3.0, options={"theta_lr": 0.05, "gate_warmup_epochs": 0.5}) \
+        if method == "variational" else {}
     cfg = tiny(tmp_path, method, **extra)
     report = run_pipeline(cfg)
     out = tmp_path / method
@@ -70,7 +80,8 @@ def test_every_method_end_to_end(tmp_path, method):
     dense = build_model("resnet20", 4, 3, 0.25)
     assert c["dense"] == {"macs": count_macs(dense, (3, 8, 8)), "params": count_params(dense)}
     assert c["macs_ratio"] == pytest.approx(c["pruned"]["macs"] / c["dense"]["macs"])
-    assert report["config"]["method"] == method and set(report["git"]) == {"commit", "dirty"}
+    assert report["config"]["method"]["name"] == method == report["method"]
+    assert set(report["git"]) == {"commit", "dirty"}
     assert len(report["history"]["train"]) == 2
     assert len(report["history"]["finetune"]) == (0 if method == "dense" else 1)
     assert set(report["latency"]["batches"]) == {"1"}
@@ -153,14 +164,15 @@ def test_cli_run_then_resume_skips_every_stage(tmp_path, capsys):
 
 
 def test_out_holding_a_run_needs_resume_and_the_same_config(tmp_path):
-    cfg = tiny(tmp_path, "dense", epochs=1, latency_batches=())
+    cfg = tiny(tmp_path, "dense", optim={"epochs": 1}, runtime={"latency_batches": ()})
     run_pipeline(cfg)
     with pytest.raises(ConfigError, match="already holds a run"):
         run_pipeline(cfg)
-    with pytest.raises(ConfigError, match="cannot resume .*epochs was 1, now 2"):
-        run_pipeline(tiny(tmp_path, "dense", epochs=2, resume=True, latency_batches=()))
-    assert run_pipeline(tiny(tmp_path, "dense", epochs=1, resume=True, progress=True,
-                             latency_batches=()))["method"] == "dense"
+    with pytest.raises(ConfigError, match="cannot resume .*optim.epochs was 1, now 2"):
+        run_pipeline(tiny(tmp_path, "dense", optim={"epochs": 2},
+                          runtime={"resume": True, "latency_batches": ()}))
+    assert run_pipeline(tiny(tmp_path, "dense", optim={"epochs": 1}, runtime={
+        "resume": True, "progress": True, "latency_batches": ()}))["method"] == "dense"
 
 
 # ---- selection rules -------------------------------------------------------------------------
@@ -206,6 +218,16 @@ def test_first_at_most_and_bisect_largest_against_brute_force():
         assert bisect_largest(lambda j: j < m, 0, n) == max(0, m - 1)
 
 
+def _scores(method, model, fams):
+    """A method's scores of ``fams`` of a trained ``model`` (the regularizer, where the method
+    has one, is not needed for the norm score)."""
+    cfg = RunConfig(method={"name": method})
+    run = Run(cfg, model, (3, 8, 8), fams, fams, {}, None, 0, 1, torch.device("cpu"), 1)
+    m = get_method(method)
+    from nn.methods import Training
+    return m.scores(run, Training(model))
+
+
 @pytest.fixture(scope="module")
 def r20():
     torch.manual_seed(0)
@@ -217,7 +239,7 @@ def r20():
 def test_l1_filter_reaches_the_mac_target_within_one_filter(r20, target):
     model, all_fams = r20
     fams = [f for f in all_fams if f.kind == "filter"]
-    scores = structure_scores("l1-filter", model, fams)
+    scores = _scores("l1-filter", model, fams)
     for f in fams:  # Li et al.: L1 norm of each conv filter
         w = dict(model.named_parameters())[f"{f.conv}.weight"]
         torch.testing.assert_close(scores[f.name], w.detach().abs().sum((1, 2, 3)).double())
@@ -243,7 +265,7 @@ def test_l1_filter_reaches_the_mac_target_within_one_filter(r20, target):
 def test_global_order_masks_are_nested_and_keep_every_stream(r20):
     model, all_fams = r20
     fams = [f for f in all_fams if f.kind in ("filter", "stream")]
-    scores = structure_scores("spr", model, fams)
+    scores = _scores("spr", model, fams)
     order = removal_order(scores, fams)
     cuts = cut_points(order, scores)
     assert cuts[0] == 0 and cuts[-1] == len(order) and cuts == sorted(set(cuts))
@@ -257,30 +279,55 @@ def test_global_order_masks_are_nested_and_keep_every_stream(r20):
         assert int(prev[f.name].sum()) == (1 if f.kind == "stream" else 0)
     small = compress(model, prev)  # everything removable removed: still a valid network
     assert small.spec["widths"] == [1, 1, 1]
-    with pytest.raises(ValueError, match="has no scores"):
-        structure_scores("dense", model, fams)
+    with pytest.raises(NotImplementedError, match="has no scores"):
+        _scores("dense", model, fams)
 
 
 # ---- configuration and command line ----------------------------------------------------------
 
 @pytest.mark.parametrize("kw,word", [
-    ({"method": "magic"}, "method"), ({"structures": ("block",)}, "structures"),
-    ({"tolerance": 101}, "tolerance"), ({"mac_target": 0}, "mac_target"),
-    ({"synthetic": {"n_train": 8}}, "synthetic"), ({"lam": -1}, "lam"),
-    ({"epochs": 0}, "epochs"), ({"finetune_epochs": -1}, "finetune_epochs"),
-    ({"beta": 1.5}, "beta"), ({"gamma": -1}, "gamma"), ({"theta_lr": 0}, "theta_lr"),
-    ({"estimator": "magic"}, "estimator"), ({"theta_init": 0}, "theta_init"),
-    ({"flip_units": 0}, "flip_units"), ({"flip_blocks": 1.5}, "flip_blocks"),
+    ({"method": {"name": "magic"}}, "method"), ({"method": {"structures": ("block",)}},
+                                                "structures"),
+    ({"selection": {"tolerance": 101}}, "tolerance"), ({"selection": {"mac_target": 0}},
+                                                       "mac_target"),
+    ({"data": {"synthetic": {"n_train": 8}}}, "synthetic"), ({"method": {"lam": -1}}, "lam"),
+    ({"optim": {"epochs": 0}}, "epochs"), ({"optim": {"finetune_epochs": -1}},
+                                           "finetune_epochs"),
+    ({"method": {"cost": {"params": -1}}}, "params"), ({"method": {"cost": {"blocks": -1}}},
+                                                       "blocks"),
+    ({"method": {"cost": {"basis": "both"}}}, "basis"),
+    ({"method": {"name": "variational", "options": {"theta_lr": 0}}}, "theta_lr"),
+    ({"method": {"name": "variational", "options": {"estimator": "magic"}}}, "estimator"),
+    ({"method": {"name": "variational", "options": {"theta_init": 0}}}, "theta_init"),
+    ({"method": {"name": "variational", "options": {"flip_units": 0}}}, "flip_units"),
+    ({"method": {"name": "variational", "options": {"flip_blocks": 1.5}}}, "flip_blocks"),
+    ({"method": {"name": "variational", "options": {"alpha": 0.5}}}, "alpha"),
+    ({"method": {"name": "dense", "lam": 1.0}}, "lam"),
+    ({"method": {"name": "spr", "options": {"alpha": 1.5}}}, "alpha"),
+    ({"method": {"name": "variational"}, "runtime": {"amp": "fp16"}}, "bf16"),
 ])
 def test_config_validation_names_the_bad_value(kw, word):
     with pytest.raises(ValueError, match=word):
-        PipelineConfig(**kw)
+        RunConfig(**kw)
 
 
 def test_quick_preset_is_a_valid_fashion_mnist_config():
-    cfg = PipelineConfig(**QUICK)
-    assert cfg.data == "fashion-mnist" and cfg.subset and cfg.finetune_epochs >= 1
-    assert cfg.method == "spr" and cfg.model == "resnet20"
+    cfg = config_from_args(build_parser().parse_args(["train", "--quick"]))
+    assert cfg.data.name == "fashion-mnist" and cfg.data.subset and cfg.optim.finetune_epochs >= 1
+    assert cfg.method.name == "spr" and cfg.model.name == "resnet20" and cfg.preset == "quick"
+    assert cfg.method.lam == 4.5 and cfg.method.options.alpha == 0.1
+
+
+def test_every_default_has_one_home_and_help_prints_it_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default None" not in text and "default True" not in text
+    assert "default spr 4.5, bigm 4.5, slimming 0.0001, variational 1" in text
+    assert text.count("default 0.1") >= 2  # --lr and --alpha, each once
+    assert "spr, bigm; default 0.1" in text and "variational; default 'flip'" in text
+    cfg = RunConfig()
+    assert (cfg.method.lam, cfg.method.options.M_scale, cfg.method.cost.macs) == (4.5, 2.0, 0.5)
 
 
 @pytest.mark.parametrize("argv", [
@@ -292,7 +339,11 @@ def test_quick_preset_is_a_valid_fashion_mnist_config():
     ["train", "--synthetic", "n_train=8"],  # needs --data synthetic: the config says no
     ["train", "--amp", "maybe"], ["train", "--beta", "2"], ["train", "--estimator", "x"],
     ["train", "--theta-lr", "0"], ["train", "--gamma", "-1"], ["train", "--flip-units", "0"],
-    ["train", "--flip-blocks", "some"],
+    ["train", "--flip-blocks", "some"], ["train", "--alpha", "0.2", "--method", "variational"],
+    ["train", "--theta-lr", "0.1"], ["train", "--method", "dense", "--lam", "1"],
+    ["train", "--cost", "macs=x"], ["train", "--cost", "basis=both"],
+    ["train", "--beta", "0.5", "--cost", "macs=1"], ["train", "--method", "l1-filter",
+                                                     "--cost", "macs=1"],
 ])
 def test_cli_bad_arguments_one_line_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -325,7 +376,27 @@ def test_pipeline_imports_neither_solvers_nor_matplotlib():
 def test_cli_flip_counts_take_all_or_a_count():
     ns = build_parser().parse_args(["train", "--method", "variational", "--flip-units", "all",
                                     "--flip-blocks", "3"])
-    cfg = config_from_args(ns)
-    assert (cfg.flip_units, cfg.flip_blocks) == (None, 3)
-    assert cfg.variational_config().flip_units is None
-    assert config_from_args(build_parser().parse_args(["train"])).flip_units == 4
+    opts = config_from_args(ns).method.options
+    assert (opts.flip_units, opts.flip_blocks) == (None, 3)
+    cfg = config_from_args(build_parser().parse_args(["train", "--method", "variational"]))
+    assert cfg.method.options.flip_units == 4
+
+
+@pytest.mark.parametrize("argv,cost", [
+    ([], dict(macs=0.5, params=0.5, blocks=0.0, basis="saved")),
+    (["--cost", "params"], dict(macs=0.0, params=1.0)),
+    (["--cost", "macs"], dict(macs=1.0, params=0.0)),
+    (["--cost", "0.25"], dict(macs=0.25, params=0.75)),
+    (["--cost", "params=1,macs=0,basis=own"], dict(macs=0.0, params=1.0, basis="own")),
+    (["--method", "variational", "--beta", "0.3"], dict(macs=0.7, params=0.3)),
+    (["--method", "variational", "--gamma", "2"], dict(macs=0.5, params=0.5, blocks=2.0)),
+    (["--method", "variational", "--cost", "blocks=1"], dict(macs=0.5, blocks=1.0)),
+])
+def test_cost_spellings_old_and_new_mean_the_same(argv, cost):
+    got = config_from_args(build_parser().parse_args(["train", *argv])).method.cost
+    assert {k: getattr(got, k) for k in cost} == cost
+
+
+def test_slimming_lambda_is_an_old_spelling_of_lam():
+    ns = build_parser().parse_args(["train", "--method", "slimming", "--slimming-lambda", "0.01"])
+    assert config_from_args(ns).method.lam == 0.01

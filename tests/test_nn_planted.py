@@ -3,7 +3,7 @@
 **Teacher.**  A one-stage CIFAR-style ResNet, ``ResNet(BasicBlock, (3,), (8,), "cifar", 4, 1,
 shortcut="A")`` on 1x8x8 Gaussian-noise images, with a planted structure: block ``layer1.0``
 keeps 3 of its 8 conv1 units, ``layer1.2`` keeps 2 (positions drawn per seed), block ``layer1.1``
-is removed (the rest zeroed by :func:`nn.surgery.apply_masks_`; a zeroed branch is the identity).
+is removed (the rest zeroed by :func:`nn.models.apply_masks_`; a zeroed branch is the identity).
 Label-invariant rescalings make it well posed: the stream-writing BNs and the conv2 weights are
 multiplied by ``SIGNAL`` (``relu`` is positively homogeneous and bn2 normalises conv2, so only the
 logits scale), BN statistics are calibrated on the input distribution, the fc bias is balanced
@@ -27,9 +27,9 @@ confidently wrong student lowers its CE by shrinking any branch, so dCE/dxi even
 sign early on), REINFORCE 0 of 3 (one needed gate sampled off moves every other gate's
 estimate by ~2 nats); ``flip`` for every gate recovered it 10 of 10 times.
 
-**Asserted** after ``train()`` with :func:`nn.variational.hooks`, ``round_()`` and
+**Asserted** after ``train()`` with :func:`nn.methods.variational.hooks`, ``round_()`` and
 ``recalibrate_bn``: exactly the planted units are kept in each kept block, exactly the planted
-blocks are kept, and the compressed network (:func:`nn.surgery.compress`) agrees with the
+blocks are kept, and the compressed network (:func:`nn.models.compress`) agrees with the
 teacher on >= 97% of held-out inputs.
 
 **Parameters.**  ``lam = 0.5``: a planted unit is worth 0.1-1.5 nats of cross-entropy and a
@@ -47,9 +47,10 @@ import pytest
 import torch
 
 from nn.models import BasicBlock, ResNet
-from nn.surgery import apply_masks_, compress
-from nn.train import TrainConfig, train
-from nn.variational import VariationalConfig, hooks, make_gated, recalibrate_bn
+from nn.models import apply_masks_, compress
+from nn.training import TrainConfig, train
+from nn.cost import CostConfig
+from nn.methods.variational import GatedResNet, VariationalOptions, hooks, recalibrate_bn
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -209,10 +210,10 @@ def test_pruner_recovers_the_planted_units_and_blocks(seed):
     gen = torch.Generator().manual_seed(seed + 7)
     x, y = sample(teacher, threshold, N_TRAIN, gen)
     xt, yt = sample(teacher, threshold, N_TEST, gen)
-    cfg = VariationalConfig(lam=LAM, beta=BETA, gamma=GAMMA, theta_lr=THETA_LR,
-                            warmup_epochs=WARMUP)  # the default estimator: flip, 4 + 2 a step
-    assert (cfg.estimator, cfg.flip_units, cfg.flip_blocks) == ("flip", 4, 2)
-    gated = make_gated(make_student(teacher, masks, seed), SIZE, cfg)
+    cfg = VariationalOptions(theta_lr=THETA_LR, gate_warmup_epochs=WARMUP)
+    assert (cfg.estimator, cfg.flip_units, cfg.flip_blocks) == ("flip", 4, 2)  # the default
+    gated = GatedResNet(make_student(teacher, masks, seed), SIZE, lam=LAM,
+                        cost=CostConfig(macs=1 - BETA, params=BETA, blocks=GAMMA))
     loader = Batches(x, y, BATCH, seed)
     train(gated, loader, None, TrainConfig(epochs=EPOCHS, lr=LR, device="cpu", progress=False,
                                            seed=seed), **hooks(gated, cfg, len(loader)))

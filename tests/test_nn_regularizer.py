@@ -1,6 +1,5 @@
-"""The torch SPR regularizer: same values as mipprune.spr, sound gradients, the published recipe."""
+"""The torch SPR regularizer: same values as mipprune.penalty, sound gradients, the published recipe."""
 
-import importlib
 import math
 
 import numpy as np
@@ -8,9 +7,11 @@ import pytest
 import torch
 
 from nn import SPRConfig, SPRRegularizer, bigm_penalty, build_model, spr_penalty
-from nn.structures import build_families
+from nn.models import build_families
 
-S = importlib.import_module("mipprune.spr")  # the module (the package re-exports spr())
+import mipprune.penalty as S
+from nn.cost import CostConfig
+
 D = torch.float64
 
 
@@ -97,7 +98,7 @@ def test_gradient_finite_and_continuous_exactly_on_the_kinks():
     # SPR is C^1 across C1|C2 (rows 0, 1) and C2|C3 (rows 2, 3): both sides agree with the kink
     for delta in (1e-9, -1e-9):
         torch.testing.assert_close(grad(delta)[0][:4], g0[:4], rtol=1e-6, atol=1e-8)
-    # and autograd is the closed-form gradient of mipprune.spr.spr_grad
+    # and autograd is the closed-form gradient of mipprune.penalty.spr_grad
     torch.testing.assert_close(g0, S.spr_grad(*args), rtol=1e-12, atol=1e-14)
 
 
@@ -154,9 +155,13 @@ def _np_groups(m, fam):
     return np.stack(rows), 3 * 9 + 2 + 3 * (16 * 9 + 2) + 3 * 16 * 9 + 32 * 9
 
 
+PARAMS = CostConfig(macs=0, params=1)  # n_j / N: parameters only
+
+
 def test_regularizer_equals_numpy_recipe(r20):
     lam, alpha, scale = 0.7, 0.3, 1.5
-    reg = SPRRegularizer(r20, SPRConfig(lam=lam, alpha=alpha, M_scale=scale))
+    reg = SPRRegularizer(r20, SPRConfig(lam=lam, alpha=alpha, M_scale=scale, cost=PARAMS,
+                                        kinds=("filter", "stream")))
     got = reg.group_penalties()
     N = 269722
     for fam in ("layer1.0.conv1", "stream.layer1"):
@@ -172,7 +177,7 @@ def test_regularizer_equals_numpy_recipe(r20):
 
 
 def test_regularizer_is_a_loss_term_with_autograd_gradient(r20):
-    reg = SPRRegularizer(r20, SPRConfig(lam=1.0))
+    reg = SPRRegularizer(r20, SPRConfig(lam=1.0, cost=PARAMS))
     r20.zero_grad(set_to_none=True)
     loss = reg()
     assert all(p.grad is None for p in r20.parameters())
@@ -192,12 +197,28 @@ def test_cost_macs_and_mix(r20):
     macs_total = 3 * 9 * 16 * 32 * 32 + 6 * conv + 2 * (conv // 2 + 5 * conv) + 64 * 10
     assert macs_total == 40_551_040  # ResNet-20 at 32x32
     per = 3 * 3 * 16 * 32 * 32 * 2  # writer (conv1 filter) + reader (conv2 input channel)
-    r_m = SPRRegularizer(r20, SPRConfig(lam=1.0, alpha=0.5, cost="macs"))
+    r_m = SPRRegularizer(r20, SPRConfig(lam=1.0, alpha=0.5, cost=CostConfig(macs=1, params=0)))
     assert float(r_m.b[fam][0]) == pytest.approx(0.5 * per / macs_total, rel=1e-12)
-    r_x = SPRRegularizer(r20, SPRConfig(lam=1.0, alpha=0.5, cost=0.25))
+    r_x = SPRRegularizer(r20, SPRConfig(lam=1.0, alpha=0.5,
+                                        cost=CostConfig(macs=0.25, params=0.75)))
     n = 16 * 9 + 2 + 16 * 9
     assert float(r_x.b[fam][0]) == pytest.approx(
         0.5 * (0.75 * n / 269722 + 0.25 * per / macs_total), rel=1e-12)
+
+
+def test_own_basis_is_the_authors_weighting_and_saved_counts_the_readers(r20):
+    """basis own, params only: n_j = the filter and its BN pair (writers), over all params;
+    basis saved adds the reader slices (here the next conv's input channel: 2x)."""
+    fam, N = "layer1.0.conv1", 269722
+    own = SPRRegularizer(r20, SPRConfig(lam=1.0, alpha=0.5,
+                                        cost=CostConfig(macs=0, params=1, basis="own")))
+    saved = SPRRegularizer(r20, SPRConfig(lam=1.0, alpha=0.5, cost=PARAMS))
+    assert float(own.a[fam][0]) == pytest.approx(0.5 * (16 * 9 + 2) / N, rel=1e-12)
+    assert float(saved.a[fam][0]) == pytest.approx(0.5 * (16 * 9 + 2 + 16 * 9) / N, rel=1e-12)
+    ratio = float(saved.a[fam][0] / own.a[fam][0])
+    assert 1.9 < ratio < 2.1
+    with pytest.raises(ValueError, match="basis"):
+        CostConfig(basis="writers")
 
 
 def test_reference_state_dict_and_checkpoint_give_M(r20, tmp_path):
@@ -234,7 +255,8 @@ def test_project_keeps_weights_in_the_box_only_when_asked():
 
 
 def test_case_stats_match_numpy_cases(r20):
-    reg = SPRRegularizer(r20, SPRConfig(lam=5.0, alpha=0.2))
+    reg = SPRRegularizer(r20, SPRConfig(lam=5.0, alpha=0.2, M_scale=1.0, cost=PARAMS,
+                                        kinds=("filter", "stream")))
     stats = reg.case_stats()
     w, n = _np_groups(r20, "stream.layer1")
     fam = "stream.layer1"
@@ -259,7 +281,7 @@ def test_bigm_option_uses_bigm_value(r20):
 @pytest.mark.parametrize("kw, match", [
     (dict(lam=-1.0), "lam"), (dict(lam=1.0, alpha=1.5), "alpha"),
     (dict(lam=1.0, M_scale=0), "M_scale"), (dict(lam=1.0, cost="flops"), "cost"),
-    (dict(lam=1.0, cost=2.0), "cost"), (dict(lam=1.0, kinds=("filters",)), "kinds"),
+    (dict(lam=1.0, cost=2.0), "cost"), (dict(lam=float("inf")), "lam"), (dict(lam=1.0, kinds=("filters",)), "kinds"),
     (dict(lam=1.0, beyond_M="clip"), "beyond_M"), (dict(lam=1.0, penalty="l1"), "penalty"),
 ])
 def test_config_validation(kw, match):

@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn as tnn
 
-import nn.train as T
 from nn import build_model
-from nn.train import (TIMING_KEYS, TrainConfig, lr_at, load_checkpoint, make_optimizer, train,
-                      unwrap)
+from nn.training import (TIMING_KEYS, TrainConfig, lr_at, load_checkpoint, make_optimizer, train,
+                         unwrap)
+from nn.training.checkpoint import save_checkpoint
 
 HERE = Path(__file__).resolve().parent
 
@@ -233,8 +233,8 @@ def _torchrun(tmp_path, attempt: int):
 
 
 def test_ddp_two_cpu_processes_match_single_process(tmp_path):
-    # one retry on a timeout: once in ~5 runs on a 2-core machine loaded by two training jobs,
-    # one rank sat in gloo's rendezvous until killed (the run itself takes ~10 s)
+    # one retry on a timeout: on a loaded machine a rank can sit in gloo's rendezvous until
+    # killed, which says nothing about train()
     rc, err = _torchrun(tmp_path, 0)
     if rc is None:
         rc, err = _torchrun(tmp_path, 1)
@@ -351,7 +351,7 @@ def test_checkpoint_is_atomic_and_weights_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        T._save_checkpoint({"x": 1}, tmp_path / "checkpoint.pt")
+        save_checkpoint({"x": 1}, tmp_path / "checkpoint.pt")
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
 

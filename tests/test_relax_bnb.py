@@ -5,9 +5,10 @@ import pytest
 from scipy.optimize import minimize
 
 from mipprune.bnb import branch_and_bound
+from mipprune.bounds import bigm_bound, pr_bound_cuts
+from mipprune.enumerate import enumerate_solve
 from mipprune.instance import Instance, random_instance
 from mipprune.relax import BOUNDS, FREE, IN, OUT, NodeRelaxation, pr_bound_closed_form
-from mipprune.solve import bigm_bound, enumerate_solve, pr_bound_cuts
 
 
 def _single_group(a, b, M, k):
@@ -17,7 +18,7 @@ def _single_group(a, b, M, k):
 @pytest.mark.parametrize("bounds", BOUNDS)
 @pytest.mark.parametrize("status", [OUT, IN, FREE])
 def test_prox_beats_local_search_on_closed_form(bounds, status):
-    """prox_{tau h}(v) minimises 1/2||w-v||^2 + tau h(w) with h from the closed form (spr.py):
+    """prox_{tau h}(v) minimises 1/2||w-v||^2 + tau h(w) with h from the closed form (penalty.py):
     no L-BFGS-B run from several starts finds a lower value."""
     rng = np.random.default_rng(0)
     for trial in range(25):

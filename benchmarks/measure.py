@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from torch import nn as tnn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from nn.structures import Family
+from nn.models import Family
 
-__all__ = ["VARIANTS", "interleaved_rounds", "interleaved_ms", "clean_rounds", "summarize",
-           "paired_ratio", "train_step", "regularizer_step", "fraction_masks", "round_masks",
-           "block_masks", "merge_masks",
-           "fold_bn", "inference_variant", "max_logit_diff", "op_profile", "conv_shapes",
-           "conv_timings", "padded_macs"]
+__all__ = ["VARIANTS", "interleaved_rounds", "interleaved_ms", "clean_rounds", "kept_rounds",
+           "summarize", "paired_ratio", "train_step", "regularizer_step",
+           "fraction_masks", "round_masks", "block_masks", "merge_masks",
+           "fold_bn", "inference_variant", "max_logit_diff",
+           "op_profile", "conv_shapes", "conv_timings", "padded_macs"]
 
 VARIANTS = ("eager", "fold_bn", "fold_bn+channels_last", "jit", "compile")
 
@@ -288,7 +288,7 @@ def fold_bn(model: tnn.Module) -> tnn.Module:
 
     Pairs are found by name: sibling modules ``convK``/``bnK`` (``conv1``/``bn1`` stems and
     the convs of every block of :class:`~nn.models.ResNet` and
-    :class:`~nn.pruned.PrunedResNet`), and ``Conv2d`` followed by ``BatchNorm2d`` inside an
+    :class:`~nn.models.PrunedResNet`), and ``Conv2d`` followed by ``BatchNorm2d`` inside an
     ``nn.Sequential`` (option-B shortcuts).  Exact up to float rounding in ``eval()``."""
     model = copy.deepcopy(model).eval()
     for mod in list(model.modules()):

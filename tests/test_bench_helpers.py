@@ -1,10 +1,13 @@
-"""Benchmark helpers (nn.bench): exact inference transforms and mask construction."""
+"""Benchmark helpers (benchmarks.measure): exact inference transforms and mask construction."""
+
+import pathlib
 
 import pytest
 import torch
 
+from benchmarks.measure import (block_masks, fold_bn, fraction_masks, merge_masks, padded_macs,
+                                round_masks)
 from nn import build_model, compress, count_macs, prunable_structures
-from nn.bench import block_masks, fold_bn, fraction_masks, merge_masks, padded_macs, round_masks
 
 
 def _randomised(model, seed=0):
@@ -58,3 +61,13 @@ def test_padded_macs():
     pruned = compress(model, fraction_masks(fams, 0.5, seed=0))
     assert padded_macs(pruned, (3, 32, 32), block=1) == count_macs(pruned, (3, 32, 32))
     assert padded_macs(pruned, (3, 32, 32)) > count_macs(pruned, (3, 32, 32))
+
+
+def test_library_never_imports_benchmarks():
+    """DESIGN §2: benchmarks use the library, never the other way round."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    offenders = [str(p.relative_to(root))
+                 for d in ("nn", "mipprune") for p in (root / d).rglob("*.py")
+                 if any(line.strip().startswith(("import benchmarks", "from benchmarks"))
+                        for line in p.read_text().splitlines())]
+    assert offenders == []

@@ -1,4 +1,4 @@
-"""The closed-form SPR (mipprune.spr) checked against its definition, several independent ways.
+"""The closed-form SPR (mipprune.penalty) checked against its definition, several independent ways.
 
 One group: t = ||w||_2, m = ||w||_inf, u = m/M, c = sqrt(a/b),
 phi(z) = a t^2/z + b z on [u, 1], SPR = min phi, and
@@ -21,7 +21,6 @@ a t^2 > 0 and an arbitrary but harmless choice when phi is identically 0.
 
 from __future__ import annotations
 
-import importlib
 import math
 from fractions import Fraction
 
@@ -31,7 +30,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-S = importlib.import_module("mipprune.spr")  # the module; the package re-exports the function spr
+import mipprune.penalty as S
 
 D = torch.float64
 

@@ -1,28 +1,18 @@
-"""What each pruning method removes: structure scores, the order of removal, the masks of a
-prefix of that order, and the two selection rules (bisection on the training-accuracy drop, a
-MAC target).  Also the training-time terms of the baselines (network slimming's L1 on BN γ).
+"""How scores become masks: the order of removal, the masks of a prefix of that order, and the
+two rules that choose the prefix (bisection on the training-accuracy drop, a MAC target).
 
-Methods (:data:`METHODS`) and their score of structure ``j`` (lowest removed first):
+Order: ascending score over all structures (``global``), or per layer (``per_layer``): filters
+leave each family lowest score first, and the next one always comes from the family with the
+smallest removed fraction after the removal (ties: family order) -- a uniform pruning ratio
+over layers, one filter at a time.  A *cut* ``k`` removes the first ``k`` of the order; with a
+global order only cuts between distinct scores are thresholds (``tau`` = score of the first
+kept structure: "remove every structure with score < tau").  Families that compress requires
+non-empty (every stream, the ResNet-50 stem family ``conv1``) keep their last-ordered channel,
+so the removed sets of successive cuts are nested.
 
-    spr, bigm   ``norm``: t_j = ||w_j||_2 of the SPR group (writer slices: conv filter + BN γ, β);
-                ``z``: z*_j = min(1, max(||w_j||_inf / M_j, sqrt(a_j/b_j) t_j)) of
-                ``mipprune.spr.spr`` (the MIP indicator the penalty projects out)
-    slimming    ||γ_j||_2 over the BN writers of j (|γ_j| for a filter; Liu et al. 2017)
-    l1-filter   sum_i |w_ji| over the conv writers of j (Li et al. 2017), ranked per layer
-    dense       nothing is removed
-
-Order: ascending score over all structures (``global``), or per layer (``per_layer``, used by
-l1-filter): filters leave each family lowest-L1 first, and the next one always comes from the
-family with the smallest removed fraction after the removal (ties: family order) -- a uniform
-pruning ratio over layers, one filter at a time.  A *cut* ``k`` removes the first ``k`` of the
-order; with a global order only cuts between distinct scores are thresholds (``tau`` = score of
-the first kept structure: "remove every structure with score < tau").  Families that compress
-requires non-empty (every stream, the ResNet-50 stem family ``conv1``) keep their last-ordered
-channel, so the removed sets of successive cuts are nested.
-
-Selection:  :func:`bisect_threshold` -- the largest candidate whose accuracy drop stays within the
+Rules: :func:`bisect_threshold` -- the largest candidate whose accuracy drop stays within the
 tolerance, by bisection (assumes accuracy non-increasing in the threshold: ⌈log2 n⌉ + 1
-evaluations);  :func:`first_at_most` -- the first cut whose MACs are at most a target (MACs are
+evaluations); :func:`first_at_most` -- the first cut whose MACs are at most a target (MACs are
 non-increasing along the order, so bisection is exact).
 """
 
@@ -31,22 +21,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn as tnn
 
-import torch.distributed as dist
-
-from mipprune.spr import spr
 from nn.complexity import count_macs
-from nn.data import StreamLoader, TensorLoader
-from nn.structures import Family, Piece, group_weights
-from nn.surgery import apply_masks, compress
+from nn.evaluation import evaluate
+from nn.models import Family, apply_masks, compress
 
-__all__ = ["METHODS", "SCORES", "protected", "structure_scores", "removal_order", "cut_points",
-           "threshold_of", "prefix_masks", "bisect_largest", "bisect_threshold", "first_at_most",
-           "slimming_penalty", "evaluate", "subset_loader", "select_masks"]
-
-METHODS = ("spr", "bigm", "dense", "l1-filter", "slimming", "variational")
-SCORES = ("norm", "z")
+__all__ = ["protected", "removal_order", "cut_points", "threshold_of", "prefix_masks",
+           "bisect_largest", "bisect_threshold", "first_at_most", "select_by_scores"]
 
 
 def protected(families: Sequence[Family]) -> set[str]:
@@ -204,89 +185,36 @@ def first_at_most(candidates: Sequence, value: Callable, target: float
     return i + 1, trace, True
 
 
-def slimming_penalty(model: tnn.Module, families: Sequence[Family], lam: float) -> Callable:
-    """Network slimming's training term ``lam * sum |γ|`` over the BN writers of ``families``
-    (a function of the module, for ``train(extra_loss=...)``)."""
-    names = sorted({p.param for f in families for p in _writers_of(model, f, tnn.BatchNorm2d)})
-    if not names:
-        raise ValueError("no BatchNorm writers among the pruned structures")
-
-    def term(module: tnn.Module) -> torch.Tensor:
-        params = dict(module.named_parameters())
-        return lam * sum(params[n].abs().sum() for n in names)
-
-    return term
-
-
-# ---- measurements and the selection of a run ----------------------------------------------
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, world: int = 1) -> float:
-    """Top-1 accuracy in eval mode, fp32, on the model's device (counts all-reduced over ranks
-    when ``world > 1``: pass each rank's shard).  The training flag is restored."""
-    was = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    counts = torch.zeros(2, dtype=torch.float64, device=dev)
-    for x, y in loader:
-        x, y = x.to(dev), y.to(dev)
-        counts += torch.stack([(model(x).argmax(1) == y).sum().double(),
-                               torch.tensor(float(len(y)), dtype=torch.float64, device=dev)])
-    if world > 1:
-        dist.all_reduce(counts)
-    model.train(was)
-    if counts[1] == 0:
-        raise ValueError("evaluation loader yielded no samples")
-    return float(counts[0] / counts[1])
-
-
-def subset_loader(bundle, n: int, batch: int, rank: int, world: int):
-    """``n`` evenly spaced training images (indices ``i N // n``: seed-free, the same on every
-    call), unaugmented, in file order; sharded over ranks, every image once."""
-    N = bundle.num_train
-    idx = torch.arange(min(n, N)) * N // min(n, N)
-    common = dict(shuffle=False, mean=bundle.mean, std=bundle.std, rank=rank, world_size=world)
-    if bundle.streaming:
-        sub = torch.utils.data.Subset(bundle.train_set, idx.tolist())
-        return StreamLoader(sub, bundle.transforms[1], batch, **common)
-    idx = idx.to(bundle.train_x.device)
-    return TensorLoader(bundle.train_x[idx], bundle.train_y[idx], batch, **common)
-
-
-def select_masks(cfg, model, fams, all_fams, reg, input_size, dense_macs, bundle, rank, world):
-    """Masks and the selection record of run configuration ``cfg`` (a
-    :class:`~nn.pipeline.PipelineConfig`) for the trained ``model``: scores, order, cuts, then
-    bisection on the accuracy of the masked model over ``cfg.bisect_images`` training images
-    (eval mode, unaugmented), or the first cut reaching ``cfg.mac_target`` (MACs counted on the
-    compressed model).  Every rank calls it (the evaluations are collective)."""
-    if cfg.method == "dense":
-        return {f.name: torch.ones(f.size, dtype=torch.bool) for f in fams}, {"rule": "none"}
-    rule = cfg.select if cfg.select != "auto" else (
-        "bisection" if cfg.method in ("spr", "bigm") else "mac-target")
-    scores = structure_scores(cfg.method, model, fams, reg=reg, score=cfg.score)
-    per_layer = cfg.method == "l1-filter"
+def select_by_scores(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Masks and the selection record of a scored ``method`` on ``run``
+    (:class:`nn.methods.Run`): the removal order of ``scores``, then bisection on the accuracy
+    of the masked model over the calibration images (eval mode, unaugmented), or the first cut
+    reaching the MAC target (MACs counted on the compressed model).  Every rank calls it (the
+    evaluations are collective)."""
+    cfg, model, fams = run.config.selection, run.model, run.pruned
+    rule = cfg.rule if cfg.rule != "auto" else method.rule
+    per_layer = method.per_layer
     order = removal_order(scores, fams, per_layer)
     cuts = cut_points(order, scores, per_layer)
-    sel = {"rule": rule, "score": {"spr": cfg.score, "bigm": cfg.score, "slimming": "|gamma|",
-                                   "l1-filter": "L1"}[cfg.method],
-           "order": "per-layer" if per_layer else "global", "structures": len(order),
-           "candidates": len(cuts)}
+    sel = {"rule": rule, "score": method.score_name(run) if callable(method.score_name)
+           else method.score_name, "order": "per-layer" if per_layer else "global",
+           "structures": len(order), "candidates": len(cuts)}
 
     def macs(k):
-        return count_macs(compress(model, prefix_masks(fams, order, k)), input_size)
+        return count_macs(compress(model, prefix_masks(fams, order, k)), run.input_size)
 
     if rule == "bisection":
-        sub = subset_loader(bundle, cfg.bisect_images, cfg.eval_batch_size, rank, world)
-        base = evaluate(model, sub, world)
+        sub = run.calibration()
+        base = evaluate(model, sub, run.world)
         i, trace = bisect_threshold(cuts, lambda k: evaluate(apply_masks(
-            model, prefix_masks(fams, order, k), all_fams), sub, world), base,
+            model, prefix_masks(fams, order, k), run.structures), sub, run.world), base,
             cfg.tolerance / 100)
         pick = [t["acc"] for t in trace if t["candidate"] == cuts[i]]
-        sel.update(tolerance_pp=cfg.tolerance, train_subset_images=min(cfg.bisect_images,
-                   bundle.num_train), train_acc_unpruned=base,
-                   train_acc_pruned=pick[0] if pick else base)
+        sel.update(tolerance_pp=cfg.tolerance, train_subset_images=min(
+            cfg.bisect_images, run.bundle.num_train), train_acc_unpruned=base,
+            train_acc_pruned=pick[0] if pick else base)
     else:
-        i, trace, reached = first_at_most(cuts, macs, cfg.mac_target * dense_macs)
+        i, trace, reached = first_at_most(cuts, macs, cfg.mac_target * run.dense["macs"])
         prev = [t["value"] for t in trace if i and t["candidate"] == cuts[i - 1]]
         sel.update(mac_target=cfg.mac_target, target_reached=reached,
                    macs_previous_cut=prev[0] if prev else None)
@@ -297,4 +225,22 @@ def select_masks(cfg, model, fams, all_fams, reg, input_size, dense_macs, bundle
     sel.update(cut=k, tau=None if per_layer else threshold_of(order, scores, k), trace=trace,
                removed={n: int((~m).sum()) for n, m in masks.items()},
                macs_at_cut=macs(k))
+    sel["summary"] = summary(sel)
     return masks, sel
+
+
+def summary(sel: dict) -> str:
+    """The one-line account of a scored selection record (the report's table prints it)."""
+    if sel["rule"] == "bisection":
+        return (f"bisection on {sel['train_subset_images']} training images, tolerance "
+                f"{sel['tolerance_pp']} pp, score {sel['score']}: removed {sel['cut']} of "
+                f"{sel['structures']} structures (tau {sel['tau']}); train acc "
+                f"{_pct(sel['train_acc_unpruned'])} -> {_pct(sel['train_acc_pruned'])} in "
+                f"{len(sel['trace'])} evaluations")
+    return (f"MAC target {sel['mac_target']} of dense "
+            f"({'reached' if sel['target_reached'] else 'NOT reached'}), score {sel['score']}, "
+            f"{sel['order']} order: removed {sel['cut']} of {sel['structures']} structures")
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"

@@ -1,20 +1,23 @@
-"""The physically pruned ResNet, built from a plain-data architecture spec, and its file format.
+"""The physically pruned ResNet, built from a plain-data architecture spec: the saved format.
 
 A pruned network is fully described by ``spec`` (dicts, lists, ints, strings, bools, None) plus
 its ``state_dict``, so ``torch.load(path, weights_only=True)`` reads it back without unpickling
-any class.  Spec layout (``SPEC_FORMAT``)::
+any class (:func:`nn.models.save_pruned`, :func:`nn.models.load_pruned`).  Spec layout
+(``SPEC_FORMAT``)::
 
     {"format": SPEC_FORMAT, "in_channels": int, "num_classes": int,
      "stem": {"out": int, "kernel": int, "stride": int, "padding": int, "maxpool": bool},
      "widths": [int, ...],                # kept stream channels of each stage (fc reads the last)
      "stages": [[block, ...], ...],       # removed blocks are simply absent (renumbered)
-     "source": {...}}                     # the dense model's ``arch`` (informational)
+     "source": {...}}                     # the dense model's ``arch`` (informational,
+                                          # read from its layout when it has none)
     block = {"source": "layer1.2", "kind": "basic" | "bottleneck", "in": int, "out": int,
              "stride": int, "mid": [int, ...], "branch": "convs" | "const" | "none",
              "index": None | [int, ...], "shortcut": "identity" | "conv" | "pad",
              "pad_src": [int, ...], "pad_dst": [int, ...]}
 
-A block computes ``relu(shortcut(x) + scatter_index(branch(x)))``: the branch writes
+A block computes ``relu(shortcut(x) + scatter_index(branch(x)))`` (the shared
+:func:`nn.models.resnet.forward.block`): the branch writes
 ``len(index)`` of the ``out`` stream channels (``index = None``: all of them, a plain add;
 otherwise ``index_add`` along channels, exact).  ``branch = "const"`` is a branch whose input
 was cut (some inner conv kept no filter): it equals a per-channel constant, stored as the
@@ -24,14 +27,12 @@ parameter ``bias``.  ``"none"`` adds nothing.  Shortcut ``"pad"`` copies input c
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from torch import nn as tnn
 
-__all__ = ["SPEC_FORMAT", "PrunedResNet", "PrunedBlock", "IndexShortcut", "save_pruned",
-           "load_pruned"]
+from nn.models.resnet import forward as fwd
+
+__all__ = ["SPEC_FORMAT", "PrunedResNet", "PrunedBlock", "IndexShortcut", "from_spec"]
 
 SPEC_FORMAT = "mipprune.nn.pruned-resnet/1"
 
@@ -94,20 +95,11 @@ class PrunedBlock(tnn.Module):
                              persistent=False)
 
     def forward(self, x):
-        out = x if self.shortcut == "identity" else self.downsample(x)
-        if self.branch == "none":
-            return torch.relu(out)
-        if self.branch == "const":
-            b = self.bias.to(out.dtype)[None, :, None, None].expand(
-                out.shape[0], -1, *out.shape[2:])
-        else:
-            b = x
-            for i in range(1, self.depth + 1):
-                b = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(b))
-                if i < self.depth:
-                    b = torch.relu(b)
-        out = out + b if self.full else out.index_add(1, self.index, b)
-        return torch.relu(out)
+        layers = () if self.branch != "convs" else tuple(
+            (getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, self.depth + 1))
+        return fwd.block(x, None if self.shortcut == "identity" else self.downsample, layers,
+                         const=self.bias if self.branch == "const" else None,
+                         index=None if self.full else self.index)
 
 
 class PrunedResNet(tnn.Module):
@@ -129,10 +121,7 @@ class PrunedResNet(tnn.Module):
         self.fc = tnn.Linear(spec["widths"][-1], spec["num_classes"])
 
     def forward(self, x):
-        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
-        for s in range(len(self.spec["stages"])):
-            x = getattr(self, f"layer{s + 1}")(x)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return fwd.network(self, x)
 
 
 def from_spec(spec: dict, state_dict: dict) -> PrunedResNet:
@@ -144,27 +133,3 @@ def from_spec(spec: dict, state_dict: dict) -> PrunedResNet:
     assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     p = next(iter(state_dict.values()), None)
     return model.to(p.device) if p is not None else model
-
-
-def save_pruned(model: PrunedResNet, path) -> Path:
-    """Write ``{"spec", "state_dict"}`` atomically (temporary file, then ``os.replace``)."""
-    if not isinstance(model, PrunedResNet):
-        raise ValueError(f"save_pruned expects a PrunedResNet, got {type(model).__name__}")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save({"spec": model.spec, "state_dict": model.state_dict()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def load_pruned(path, map_location="cpu") -> PrunedResNet:
-    """Read a file written by :func:`save_pruned` with ``weights_only=True``; returns the model
-    in ``eval()`` mode, ready for inference."""
-    blob = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(blob, dict) or "spec" not in blob or "state_dict" not in blob:
-        raise ValueError(f"{path}: not a pruned model file (keys 'spec', 'state_dict' expected)")
-    return from_spec(blob["spec"], blob["state_dict"]).eval()

@@ -1,12 +1,11 @@
-"""Masks on prunable structures: the masked model, and the physically smaller one.
-
-Masks are ``{family name: bool tensor of shape (size,)}``, True = keep; a family left out keeps
-everything.  Semantics (what "removing" a structure means):
+"""A ResNet under masks (:mod:`nn.models.structures`): the masked model, and the physically
+smaller one.  Semantics (what "removing" a structure means):
 
 * **masked model** (:func:`apply_masks`): every writer *and* reader slice of a removed structure
-  is set to zero; an option-A :class:`~nn.models.PadShortcut` also stops feeding removed stream
-  channels (its ``keep`` buffer).  A removed conv filter's BN has ``gamma = beta = 0``, so its
-  channel is exactly 0 after BN (eval mode), hence every removed channel carries 0.
+  is set to zero; an option-A :class:`~nn.models.resnet.model.PadShortcut` also stops feeding
+  removed stream channels (its ``keep`` buffer).  A removed conv filter's BN has ``gamma =
+  beta = 0``, so its channel is exactly 0 after BN (eval mode), hence every removed channel
+  carries 0.
 * **pruned model** (:func:`compress`): those slices are physically gone; a removed block is
   replaced by its (identity) shortcut -- exact because a block's input is a ReLU output, so
   ``relu(x + 0) = x``; a block whose last conv keeps a subset of the stream channels adds into
@@ -20,7 +19,8 @@ everything.  Semantics (what "removing" a structure means):
 
 In ``eval()`` the pruned model's logits equal the masked model's (up to float rounding).
 Limitations: a stream (and the ResNet-50 stem family ``"conv1"``) must keep at least one
-channel; only blocks with an identity shortcut can be removed (see :mod:`nn.structures`).
+channel; only blocks with an identity shortcut can be removed
+(:mod:`nn.models.resnet.structures`).
 """
 
 from __future__ import annotations
@@ -31,35 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn as tnn
 
-from nn.models import PadShortcut, ResNet
-from nn.pruned import SPEC_FORMAT, PrunedResNet, from_spec
-from nn.structures import Family, build_families, layout
+from nn.models.resnet.model import PadShortcut
+from nn.models.resnet.pruned import SPEC_FORMAT, PrunedResNet, from_spec
+from nn.models.resnet.structures import arch_of, build_families, layout
+from nn.models.structures import Family, check_masks
 
-__all__ = ["check_masks", "apply_masks", "apply_masks_", "compress"]
-
-
-def check_masks(families: list[Family], masks: dict) -> dict[str, torch.Tensor]:
-    """Masks for every family (missing ones all True), as CPU bool tensors; ``ValueError`` for an
-    unknown family name or a mask of the wrong dtype or shape."""
-    by_name = {f.name: f for f in families}
-    unknown = sorted(set(masks) - set(by_name))
-    if unknown:
-        raise ValueError(f"unknown families in masks: {unknown}")
-    out = {}
-    for f in families:
-        m = masks.get(f.name)
-        if m is None:
-            out[f.name] = torch.ones(f.size, dtype=torch.bool)
-            continue
-        m = torch.as_tensor(m).detach().cpu()
-        if m.dtype != torch.bool or tuple(m.shape) != (f.size,):
-            raise ValueError(f"mask {f.name!r} must be a bool tensor of shape ({f.size},), "
-                             f"got {m.dtype} {tuple(m.shape)}")
-        out[f.name] = m
-    return out
+__all__ = ["apply_masks", "apply_masks_", "compress"]
 
 
-def apply_masks_(model: ResNet, masks: dict, families: list[Family] | None = None) -> ResNet:
+def apply_masks_(model: tnn.Module, masks: dict,
+                 families: list[Family] | None = None) -> tnn.Module:
     """Zero, in place, the writer and reader slices of every removed structure (and the
     option-A shortcut entries of removed stream channels).  Returns ``model``."""
     families = build_families(model) if families is None else families
@@ -84,7 +65,8 @@ def apply_masks_(model: ResNet, masks: dict, families: list[Family] | None = Non
     return model
 
 
-def apply_masks(model: ResNet, masks: dict, families: list[Family] | None = None) -> ResNet:
+def apply_masks(model: tnn.Module, masks: dict,
+                families: list[Family] | None = None) -> tnn.Module:
     """The masked model: a deep copy of ``model`` with :func:`apply_masks_` applied."""
     return apply_masks_(copy.deepcopy(model), masks, families)
 
@@ -162,7 +144,7 @@ def _branch_at_zero(block, keeps) -> torch.Tensor:
     return b[0, :, 0, 0]
 
 
-def compress(model: ResNet, masks: dict) -> PrunedResNet:
+def compress(model: tnn.Module, masks: dict) -> PrunedResNet:
     """The physically pruned network for ``masks`` (see the module docstring for semantics).
 
     ``model`` is not modified; the result has the model's dtype and device and its training
@@ -191,7 +173,7 @@ def compress(model: ResNet, masks: dict) -> PrunedResNet:
                      "padding": c1.padding[0], "maxpool": isinstance(model.maxpool,
                                                                      tnn.MaxPool2d)},
             "widths": [int(keep[s].sum()) for s in lay.streams],
-            "stages": [[] for _ in lay.streams], "source": dict(model.arch)}
+            "stages": [[] for _ in lay.streams], "source": arch_of(model)}
 
     for blk in lay.blocks:
         if blk.removable and not keep[f"block.{blk.name}"][0]:

@@ -1,4 +1,4 @@
-"""ResNets for CIFAR (ResNet-20/32/44/56/110) and ImageNet (ResNet-18/34/50), defined here.
+"""ResNets for CIFAR (ResNet-20/32/44/56/110) and ImageNet (ResNet-18/34/50): the builder.
 
 No torchvision needed; parameter names follow torchvision's ResNets (``conv1``, ``bn1``,
 ``layer1.0.conv1``, ``layer1.0.bn1``, ``layer1.0.downsample.0/1``, ``fc``) so its weights load
@@ -12,6 +12,7 @@ A block's shortcut is the identity when its input and output agree (stride 1, sa
 otherwise option A (:class:`PadShortcut`: stride-s subsampling + zero channel padding, no
 parameters) or option B (1x1 conv + BN, named ``downsample.0/1``).  CIFAR models default to
 option A (the published ResNet-20..110 counts), ImageNet models to option B (torchvision).
+The forward of every block and of the network is :mod:`nn.models.resnet.forward`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn as tnn
 
+from nn.models.resnet import forward as fwd
+
 __all__ = ["MODELS", "BasicBlock", "Bottleneck", "PadShortcut", "ResNet", "build_model"]
 
 
@@ -30,8 +33,8 @@ class PadShortcut(tnn.Module):
 
     Input channel ``i`` lands on output channel ``front + i`` with ``front = (out - in) // 2``
     (the rest is zero padding).  ``keep`` (a buffer of ones, shape ``(out,)``) is the only state:
-    :func:`nn.apply_masks` zeroes the entries of removed stream channels so that the masked model
-    carries nothing into them, exactly like the physically pruned one.
+    :func:`nn.models.apply_masks` zeroes the entries of removed stream channels so that the
+    masked model carries nothing into them, exactly like the physically pruned one.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
@@ -73,9 +76,7 @@ class BasicBlock(tnn.Module):
         self.downsample = _shortcut(in_c, planes, stride, shortcut)
 
     def forward(self, x):
-        idn = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + idn)
+        return fwd.block(x, self.downsample, ((self.conv1, self.bn1), (self.conv2, self.bn2)))
 
 
 class Bottleneck(tnn.Module):
@@ -97,10 +98,8 @@ class Bottleneck(tnn.Module):
         self.downsample = _shortcut(in_c, out_c, stride, shortcut)
 
     def forward(self, x):
-        idn = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + idn)
+        return fwd.block(x, self.downsample, ((self.conv1, self.bn1), (self.conv2, self.bn2),
+                                              (self.conv3, self.bn3)))
 
 
 @dataclass(frozen=True)
@@ -128,7 +127,8 @@ class ResNet(tnn.Module):
     """Stem -> ``layer1..layerK`` -> global average pool -> ``fc``.
 
     ``arch`` is a plain dict (name, stem, block, layers, widths, shortcut, in_channels,
-    num_classes, width) describing the dense network; structures and surgery read it.
+    num_classes, width) describing the dense network; a compressed network's spec keeps it
+    as its ``source``.
     """
 
     def __init__(self, block: type, layers, widths, stem: str = "cifar", num_classes: int = 10,
@@ -165,10 +165,7 @@ class ResNet(tnn.Module):
         return [getattr(self, f"layer{i + 1}") for i in range(len(self.arch["layers"]))]
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for stage in self.stages():
-            x = stage(x)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return fwd.network(self, x)
 
 
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3, width: float = 1.0,

@@ -1,5 +1,8 @@
 """The closed-form Structured Perspective Regularization (SPR), written once.
 
+The module is named ``penalty``, not ``spr``: importing a submodule binds it on the package,
+and ``mipprune.spr`` is the re-exported function.
+
 One structure (group) has weights ``w`` (a vector), a ridge weight ``a >= 0``, a cost of keeping
 it ``b >= 0`` and a bound ``M > 0``.  Its term in the perspective reformulation (PR) of the MIP is
 

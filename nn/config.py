@@ -1,0 +1,262 @@
+"""The configuration of one pruning run, nested by concern.
+
+    RunConfig(data=DataConfig(...), model=ModelConfig(...), optim=OptimConfig(...),
+              method=MethodConfig(...), selection=SelectionConfig(...), runtime=RuntimeConfig(...))
+
+Every default has one home: the field here, or -- for what only one pruning method reads --
+that method's options dataclass (``nn.methods``; e.g. SPR's ``alpha``), and its default
+strength ``lam``.  Each part validates itself at construction (``ValueError`` naming the bad
+value and what is allowed); :class:`RunConfig` then checks what spans parts (the training
+stages' :class:`~nn.training.TrainConfig`, the method's options).  ``to_dict`` gives plain
+JSON (written as ``config.json`` and into the report; a resumed run must match it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nn.cost import CostConfig
+from nn.data import DATASETS
+from nn.models import MODELS
+from nn.training import TrainConfig
+
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "MethodConfig",
+           "SelectionConfig", "RuntimeConfig", "RunConfig", "RULES", "KINDS_PRUNED"]
+
+class ConfigError(ValueError):
+    """A run that cannot start as asked: ``out`` holds a run, resume with a changed config, a
+    method that cannot run in this setting..."""
+
+
+RULES = ("auto", "bisection", "mac-target")
+"""Selection rules: ``auto`` is the method's own (:attr:`nn.methods.Method.rule`)."""
+KINDS_PRUNED = (("filter",), ("stream",), ("filter", "stream"))
+
+
+def _bad(name, value, want):
+    raise ValueError(f"{name} must be {want}, got {value!r}")
+
+
+def _number(name, v, lo=-math.inf, hi=math.inf, *, open_lo=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or v < lo or v > hi or (open_lo and v == lo):
+        _bad(name, v, f"a finite number in {'(' if open_lo else '['}{lo}, {hi}]")
+
+
+def _int(name, v, lo):
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        _bad(name, v, f"an int >= {lo}")
+
+
+def _choice(name, v, choices):
+    if v not in choices:
+        _bad(name, v, f"one of {tuple(choices)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``name`` of :data:`nn.data.DATASETS`; ``dir`` its folder (never downloaded); ``subset``
+    a stratified training subset; ``synthetic`` keywords of ``nn.data.make_synthetic``."""
+
+    name: str = "fashion-mnist"
+    dir: str | None = None
+    subset: int | None = None
+    synthetic: dict | None = None
+
+    def __post_init__(self):
+        _choice("data", self.name, DATASETS)
+        if self.subset is not None:
+            _int("subset", self.subset, 1)
+        if self.synthetic is not None and (self.name != "synthetic"
+                                           or not isinstance(self.synthetic, dict)):
+            _bad("synthetic", self.synthetic, "a dict of make_synthetic keywords, with "
+                 "data 'synthetic'")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``name`` of :data:`nn.models.MODELS`, channel multiplier ``width``, ``shortcut`` A or B
+    (None: the architecture's published choice)."""
+
+    name: str = "resnet20"
+    width: float = 1.0
+    shortcut: str | None = None
+
+    def __post_init__(self):
+        _choice("model", self.name, MODELS)
+        _number("width", self.width, 0, 64, open_lo=True)
+        _choice("shortcut", self.shortcut, (None, "A", "B"))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD for both training stages: the published CIFAR recipe (300 regularised + 200
+    fine-tuning epochs, lr 0.1 / 0.01, momentum 0.9, batch 128, weight decay 5e-4, cosine).
+    ``batch_size`` is global (split over DDP ranks)."""
+
+    epochs: int = 300
+    finetune_epochs: int = 200
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    lr: float = 0.1
+    finetune_lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+
+    def __post_init__(self):
+        _int("finetune_epochs", self.finetune_epochs, 0)
+        _int("eval_batch_size", self.eval_batch_size, 1)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """``name`` of the method registry (:data:`nn.methods.METHODS`); ``lam`` its strength
+    (None: the method's default); ``structures`` the kinds pruned (and regularised);
+    ``cost`` the price of size (:class:`nn.cost.CostConfig`, for methods that read it);
+    ``options`` the method's own settings (a dict, or its options dataclass), validated by
+    the method."""
+
+    name: str = "spr"
+    lam: float | None = None
+    structures: tuple = ("filter",)
+    cost: CostConfig = field(default_factory=CostConfig)
+    options: object = None
+
+    def __post_init__(self):
+        from nn.methods import get_method  # the registry imports this module's siblings
+
+        method = get_method(self.name)
+        kinds = tuple(self.structures) if isinstance(self.structures, (list, tuple)) else ()
+        if kinds not in KINDS_PRUNED:
+            _bad("structures", self.structures, " or ".join(map(str, KINDS_PRUNED)))
+        object.__setattr__(self, "structures", kinds)
+        if isinstance(self.cost, dict):
+            object.__setattr__(self, "cost", CostConfig(**self.cost))
+        if not isinstance(self.cost, CostConfig):
+            _bad("cost", self.cost, "a CostConfig")
+        if self.lam is None:
+            object.__setattr__(self, "lam", method.lam)
+        elif method.lam is None:
+            raise ValueError(f"method {self.name} takes no lam (got {self.lam!r})")
+        if self.lam is not None:
+            _number("lam", self.lam, 0)
+        object.__setattr__(self, "options", method.make_options(self.options))
+
+    @property
+    def method(self):
+        from nn.methods import get_method
+
+        return get_method(self.name)
+
+    def to_dict(self) -> dict:
+        opts = self.options
+        return {"name": self.name, "lam": self.lam, "structures": list(self.structures),
+                "cost": self.cost.to_dict(),
+                "options": dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else None}
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How scores become masks: ``rule`` (:data:`RULES`); ``tolerance`` the allowed
+    training-accuracy drop in percentage points (bisection) over ``bisect_images``
+    unaugmented training images (also the variational pruner's BN recalibration set);
+    ``mac_target`` the fraction of dense MACs kept (MAC target)."""
+
+    rule: str = "auto"
+    tolerance: float = 0.5
+    bisect_images: int = 5000
+    mac_target: float = 0.5
+
+    def __post_init__(self):
+        _choice("select", self.rule, RULES)
+        _number("tolerance", self.tolerance, 0, 100)
+        _number("mac_target", self.mac_target, 0, 1, open_lo=True)
+        _int("bisect_images", self.bisect_images, 1)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how a run executes; none of it changes what is computed on CPU, so a resumed
+    run may change any of it except ``seed``.  ``latency_batches``: batch sizes timed in the
+    report (empty: none), each the median of ``latency_repeats`` runs."""
+
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    threads: int | None = None
+    seed: int = 0
+    out: str = "runs/pipeline"
+    resume: bool = False
+    progress: bool = True
+    latency_batches: tuple = (1, 64)
+    latency_repeats: int = 30
+
+    def __post_init__(self):
+        if self.threads is not None:
+            _int("threads", self.threads, 1)
+        _int("latency_repeats", self.latency_repeats, 1)
+        lb = tuple(self.latency_batches) if isinstance(self.latency_batches,
+                                                       (list, tuple)) else None
+        if lb is None or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0
+                                 for b in lb):
+            _bad("latency_batches", self.latency_batches, "ints >= 1 (empty: no latency)")
+        object.__setattr__(self, "latency_batches", tuple(b for b in lb if b > 0))
+
+    RESUME_FREE = ("device", "amp", "channels_last", "compile", "threads", "out", "resume",
+                   "progress", "latency_batches", "latency_repeats")
+
+
+_PARTS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
+          "method": MethodConfig, "selection": SelectionConfig, "runtime": RuntimeConfig}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run: its parts (plain dicts are accepted for each) and the ``preset`` it came from
+    (informational, e.g. ``"quick"``)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    preset: str | None = None
+
+    def __post_init__(self):
+        for name, kind in _PARTS.items():
+            part = getattr(self, name)
+            if isinstance(part, dict):
+                object.__setattr__(self, name, kind(**part))
+            elif not isinstance(part, kind):
+                _bad(name, part, f"a {kind.__name__} or a dict of its fields")
+        self.method.method.check(self)  # what the method cannot run with (ValueError)
+        self.train_config("train", False)
+        if self.optim.finetune_epochs:
+            self.train_config("finetune", False)
+
+    def to_dict(self) -> dict:
+        out = {name: (getattr(self, name).to_dict() if name == "method"
+                      else dataclasses.asdict(getattr(self, name))) for name in _PARTS}
+        out["runtime"]["latency_batches"] = list(self.runtime.latency_batches)
+        out["preset"] = self.preset
+        return out
+
+    def train_config(self, stage: str, checkpoints: bool = True) -> TrainConfig:
+        """The :class:`~nn.training.TrainConfig` of stage ``"train"`` or ``"finetune"``
+        (checkpoints under ``out/stage``)."""
+        o, r, ft = self.optim, self.runtime, stage == "finetune"
+        return TrainConfig(
+            epochs=o.finetune_epochs if ft else o.epochs, lr=o.finetune_lr if ft else o.lr,
+            momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
+            schedule=o.schedule, warmup_epochs=0 if ft else o.warmup_epochs,
+            batch_size=o.batch_size, device=r.device, amp=r.amp,
+            channels_last=r.channels_last, compile=r.compile, seed=r.seed + (1 if ft else 0),
+            out_dir=str(Path(r.out) / stage) if checkpoints else None, progress=r.progress)

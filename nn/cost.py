@@ -1,0 +1,109 @@
+"""The cost model: what a prunable structure costs, with one meaning for every method.
+
+A run states its price of size once, as weights on three normalised costs
+(:class:`CostConfig`)::
+
+    cost_j = macs * MACs_j / MACs0 + params * params_j / params0 + blocks * blocks_j / B
+
+``MACs0``, ``params0``: the dense model's totals; ``B``: its removable blocks (``blocks_j`` is
+1 for a whole-block structure, 0 otherwise).  SPR's per-group weight is ``n_j / N := cost_j``
+(``a_j = lam alpha cost_j``, ``b_j = lam (1 - alpha) cost_j``, :mod:`nn.regularizer`); the
+variational pruner's price is the same weighted sum of *expected* costs under its gates
+(:mod:`nn.methods.variational.cost`).  A structure's ``MACs_j``/``params_j`` count, by ``basis``:
+
+``saved``   its writer *and* reader slices: what physically removing it alone removes (the
+            default; about 2-3x the ``own`` count for a filter whose channel feeds a 3x3 conv);
+``own``     its writer slices only: the filter with its BN pair (``params`` weight 1 and
+            ``own`` basis is the SPR authors' weighting, ``n_j`` = the group's own
+            parameters).
+
+The next cost, measured latency, goes here too: a table of per-layer timings keyed by device,
+threads, dtype, batch and torch version, read by the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["BASES", "CostConfig", "piece_cost", "structure_costs", "parse_cost"]
+
+BASES = ("saved", "own")
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    """Weights of the normalised MACs, parameters and blocks (each >= 0, not all 0 unless a
+    method ignores cost), and the ``basis`` of a structure's own count (module docstring).
+    The defaults are the project's: half MACs, half parameters, no extra price of depth."""
+
+    macs: float = 0.5
+    params: float = 0.5
+    blocks: float = 0.0
+    basis: str = "saved"
+
+    def __post_init__(self):
+        for name in ("macs", "params", "blocks"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < 0:
+                raise ValueError(f"cost weight {name} must be a finite number >= 0, got {v!r}")
+        if self.basis not in BASES:
+            raise ValueError(f"cost basis must be one of {BASES}, got {self.basis!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def formula(self) -> str:
+        return (f"{self.macs:g} MACs_j/MACs0 + {self.params:g} params_j/params0 + "
+                f"{self.blocks:g} blocks_j/B ({self.basis} counts)")
+
+
+def parse_cost(text: str) -> dict:
+    """The items of ``--cost``: ``key=value`` among ``macs``, ``params``, ``blocks``, ``basis``
+    (``macs=0.5,params=0.5``), as a dict of the keys given, each checked as
+    :class:`CostConfig` checks it.  ``ValueError`` names the bad item."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, eq, value = item.partition("=")
+        if key not in ("macs", "params", "blocks", "basis") or not eq or not value:
+            raise ValueError(f"--cost takes key=value items with keys macs, params, blocks, "
+                             f"basis; got {item!r}")
+        try:
+            out[key] = value if key == "basis" else float(value)
+        except ValueError:
+            raise ValueError(f"--cost {key} must be a number, got {value!r}") from None
+    CostConfig(**out)
+    return out
+
+
+def piece_cost(shape: torch.Size, dim: int | None, layer_macs: int) -> tuple[int, int]:
+    """Parameters and MACs of one structure's slice of a tensor of ``shape`` along ``dim``
+    (``None``: the whole tensor), given the MACs of the layer the tensor is a weight of (0 for
+    anything else).  A slice along ``dim`` costs ``1 / shape[dim]`` of the tensor; the MACs of
+    a conv/linear layer are linear in each of its channel counts, so the same holds for them."""
+    n = math.prod(shape)
+    if dim is None:
+        return n, layer_macs
+    return n // shape[dim], layer_macs // shape[dim]
+
+
+def structure_costs(families, cost: CostConfig, totals: dict) -> dict[str, torch.Tensor]:
+    """``cost_j`` (module docstring) of every structure of ``families``: float64 tensors of
+    shape ``(size,)``.  ``totals``: the dense model's ``macs`` and ``params`` and ``blocks``
+    (its removable blocks).  Reads ``Family.params``/``Family.macs`` (basis ``saved``) or
+    ``Family.own_params``/``Family.own_macs`` (basis ``own``)."""
+    own = cost.basis == "own"
+    out = {}
+    for f in families:
+        if own and (f.own_params is None or f.own_macs is None):
+            raise ValueError(f"family {f.name!r} has no own-slice counts: basis 'own' needs them")
+        p = torch.tensor(f.own_params if own else f.params, dtype=torch.float64)
+        m = torch.tensor(f.own_macs if own else f.macs, dtype=torch.float64)
+        share = cost.params * p / totals["params"] + cost.macs * m / max(totals["macs"], 1)
+        if cost.blocks and f.kind == "block":
+            share = share + cost.blocks / max(totals["blocks"], 1)
+        out[f.name] = share
+    return out

@@ -1,0 +1,354 @@
+"""Variational Bernoulli gates on units and residual blocks (DESIGN §6): the gated network.
+
+:class:`GatedResNet` wraps a dense ResNet (any module :func:`nn.models.resnet.layout` accepts)
+and puts a gate ``xi_s ~ Bernoulli(theta_s)`` on
+
+* every **unit**: an output channel of a ``filter`` family (:mod:`nn.models.resnet.structures`:
+  ``conv1`` of a BasicBlock, ``conv1``/``conv2`` of a Bottleneck, the ResNet-50 stem),
+  multiplying the channel after BN + ReLU;
+* every **removable block** (identity shortcut): ``relu(x + xi_b * branch(x))``.
+
+All gates live in one flat vector ``theta`` (units family by family, then blocks; buffers, so
+checkpoints and ``--resume`` carry them).  In ``train()`` one gate pattern is sampled per forward
+pass (per mini-batch); in ``eval()`` the network is deterministic: every live gate multiplies by
+its ``theta`` (mean field), which at ``theta`` in {0, 1} is the 0/1 network itself.  The final
+network is :meth:`GatedResNet.deterministic_masks` (``theta >= 0.5``; a kept block keeps at
+least its best unit), made exact by :meth:`GatedResNet.round_`.  A structure is **dead** once
+its ``theta`` reached 0: it is never computed again (dead units are sliced out of the
+convolutions and BNs, dead blocks skipped), so training gets faster as it prunes.  ``pinned``
+units are a family's last live unit: the unit gates never remove it (``theta`` held at 1); only
+the block gate can.
+
+The forward is the ResNet's own (:mod:`nn.models.resnet.forward`): live channels selected,
+gate multipliers folded into the convs and BNs.  The price of size ``lam R(theta)`` is exact
+(:mod:`.cost`); ``d E[CE] / d theta`` is estimated by one of :mod:`.estimators`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn as tnn
+
+from nn.complexity import count_macs, count_params, layer_macs
+from nn.cost import CostConfig
+from nn.methods.variational import cost as C
+from nn.methods.variational.estimators import (DEFAULT_ESTIMATOR, DEFAULT_FLIP_BLOCKS,
+                                               DEFAULT_FLIP_UNITS, ESTIMATORS, multipliers,
+                                               theta_gradient)
+from nn.models.resnet import forward as fwd
+from nn.models.resnet.structures import build_families, layout
+
+__all__ = ["ESTIMATORS", "DEFAULT_ESTIMATOR", "DEFAULT_FLIP_UNITS", "DEFAULT_FLIP_BLOCKS",
+           "GatedResNet"]
+
+
+@dataclass(frozen=True)
+class _Gate:
+    """A gated family: ``name`` (its Family name), ``kind`` (``unit``/``block``), its slice
+    ``start:start+size`` of ``theta``."""
+
+    name: str
+    kind: str
+    start: int
+    size: int
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.start + self.size)
+
+
+class GatedResNet(tnn.Module):
+    """A dense ResNet with Bernoulli gates; see the module docstring.
+
+    ``net`` (kept as ``self.net``, trained in place), ``input_size`` (channels, height, width:
+    for the MAC counts), ``lam`` (the price of size) and ``cost`` (its weights on MACs,
+    parameters and blocks, :class:`nn.cost.CostConfig`; :mod:`.cost`), ``theta_init`` (every gate's initial keep probability, in
+    (0, 1]), ``estimator`` (:data:`ESTIMATORS`), ``baseline_decay`` (the REINFORCE baseline's
+    moving average), ``flip_units`` and ``flip_blocks`` (unit and block gates flipped per step
+    by the ``flip`` estimator, drawn at random among the live ones; None: all).
+
+    ``unit_cost`` (a buffer): ``dR/dtheta_s`` at theta = 1 (without ``lam``).
+    """
+
+    def __init__(self, net: tnn.Module, input_size, *, lam: float = 1.0,
+                 cost: CostConfig | None = None, theta_init: float = 1.0,
+                 estimator: str = DEFAULT_ESTIMATOR, baseline_decay: float = 0.9,
+                 flip_units: int | None = DEFAULT_FLIP_UNITS,
+                 flip_blocks: int | None = DEFAULT_FLIP_BLOCKS):
+        super().__init__()
+        try:
+            lay = layout(net)
+        except ValueError as e:
+            raise ValueError(f"GatedResNet wraps a dense ResNet: {e}") from None
+        cost = CostConfig() if cost is None else cost
+        if not isinstance(cost, CostConfig):
+            raise ValueError(f"cost must be an nn.cost.CostConfig, got {cost!r}")
+        for label, v, lo, hi in (("lam", lam, 0, None), ("theta_init", theta_init, 0, 1),
+                                 ("baseline_decay", baseline_decay, 0, 1)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < lo or \
+                    (hi is not None and v > hi) or v != v:
+                raise ValueError(f"{label} must be a number in [{lo}, {hi or 'inf'}], got {v!r}")
+        if theta_init <= 0:
+            raise ValueError(f"theta_init must be in (0, 1], got {theta_init!r}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        for label, v in (("flip_units", flip_units), ("flip_blocks", flip_blocks)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{label} must be None or an int >= 1, got {v!r}")
+        self.flip_units, self.flip_blocks = flip_units, flip_blocks
+        self.net = net
+        self.lam, self.cost_config = float(lam), cost
+        self.estimator, self.baseline_decay = estimator, float(baseline_decay)
+        self.input_size = tuple(input_size)
+        lmacs = layer_macs(net, self.input_size)
+        self.families = build_families(net, lmacs)
+        self.layout = lay
+        self._modules_by_name = dict(net.named_modules())  # a plain dict: not registered
+        self._bns = [m for m in self._modules_by_name.values()
+                     if isinstance(m, tnn.modules.batchnorm._BatchNorm)]
+        gates, start = [], 0
+        for kind, fkind in (("unit", "filter"), ("block", "block")):
+            for f in self.families:
+                if f.kind == fkind:
+                    gates.append(_Gate(f.name, kind, start, f.size))
+                    start += f.size
+        self.gates = tuple(gates)
+        self.by_name = {g.name: g for g in gates}
+        self._block_units = {}  # block gate index -> its unit gates' indices
+        # per gate: the position of the block it sits in (-1: the stem), where a flip restarts
+        pos_of = {name: pos for pos, info in enumerate(self.layout.blocks)
+                  for name in (f"block.{info.name}", *info.convs)}
+        self._gate_block = [pos_of.get(g.name, -1) for g in gates for _ in range(g.size)]
+        for info in self.layout.blocks:
+            bg = self.by_name.get(f"block.{info.name}")
+            if bg is not None:
+                self._block_units[bg.start] = torch.cat(
+                    [torch.arange(self.by_name[c].start, self.by_name[c].start
+                                  + self.by_name[c].size) for c in info.convs[:-1]])
+        n = start
+        self.register_buffer("theta", torch.full((n,), float(theta_init)))
+        self.register_buffer("alive", torch.ones(n, dtype=torch.bool))
+        self.register_buffer("pinned", torch.zeros(n, dtype=torch.bool))
+        self.register_buffer("baseline", torch.zeros(()))
+        self.register_buffer("baseline_set", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        full, idx, fam_of, fam_size = C.cost_table(net, self.families, self.gates, lmacs)
+        self.register_buffer("_cost_full", full, persistent=False)
+        self.register_buffer("_cost_idx", idx, persistent=False)
+        self.register_buffer("_fam_of", fam_of, persistent=False)
+        self.register_buffer("_fam_size", fam_size, persistent=False)
+        self.n_units = int(fam_of.numel())
+        self.n_blocks = sum(1 for g in self.gates if g.kind == "block")
+        self.dense_macs = count_macs(net, self.input_size)
+        self.dense_params = count_params(net)
+        unit = C.marginal(self.cost, torch.ones(self.theta.shape))
+        self.register_buffer("unit_cost", unit.float().clamp_min(1e-12), persistent=False)
+        self._leaf = None     # theta as a leaf of this step's graph (training forward)
+        self._xi = None       # this step's sample
+        self._cache = None    # (alive bytes, {family: index tensor or None})
+        self._inputs = None   # flip: the block inputs of this step's forward
+
+    # ---------------------------------------------------------------- the exact expected cost
+    def expected(self, theta: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``macs``, ``params``, ``blocks``: exact expectations under independent gates with
+        keep probabilities ``theta`` (default: the current ones; dead gates count as 0)."""
+        th = (self.theta * self.alive) if theta is None else theta
+        return C.expected(th, self._cost_full, self._cost_idx, self._fam_of, self._fam_size,
+                          self.n_units)
+
+    def cost(self, theta: torch.Tensor | None = None) -> torch.Tensor:
+        """``R(theta)`` (:mod:`.cost`), without ``lam``."""
+        return C.normalised(self.expected(theta), (self.cost_config.macs, self.cost_config.params,
+                             self.cost_config.blocks), self.dense_macs, self.dense_params, self.n_blocks)
+
+    def penalty(self) -> torch.Tensor:
+        """``lam * R`` of this step's theta (differentiable through the step's leaf): the
+        ``extra_loss`` of :func:`nn.training.train`.  Float32 on theta's device."""
+        th = self._leaf if (self._leaf is not None and self.training) else self.theta
+        return (self.lam * self.cost(th * self.alive)).float()
+
+    def marginal_costs(self) -> torch.Tensor:
+        """``lam * dR/dtheta_s`` at the current theta: the automatic regularisation weight of
+        every gate (0 for dead ones)."""
+        g = C.marginal(lambda th: self.lam * self.cost(th), self.theta * self.alive)
+        return g.float() * self.alive
+
+    # ---------------------------------------------------------------- masks
+    def deterministic_masks(self) -> dict[str, torch.Tensor]:
+        """``{family: bool mask}`` of the deterministic network: a gate is on iff it is alive and
+        ``theta >= 0.5``; a unit family left empty keeps its alive unit of largest theta (the
+        block gate, not the unit gates, removes a block); a family with no live unit (its block
+        is dead) keeps nothing."""
+        on = (self.alive & (self.theta >= 0.5)).cpu()
+        alive = self.alive.cpu()
+        th = torch.where(alive, self.theta.cpu(), -1.0)
+        out = {}
+        for g in self.gates:
+            m = on[g.slice].clone()
+            if g.kind == "unit" and not m.any() and alive[g.slice].any():
+                m[int(th[g.slice].argmax())] = True
+            out[g.name] = m
+        return out
+
+    def deterministic_keep(self) -> torch.Tensor:
+        """:meth:`deterministic_masks` as one bool vector over all gates (theta's layout)."""
+        masks = self.deterministic_masks()
+        return torch.cat([masks[g.name] for g in self.gates]).to(self.theta.device)
+
+    def _indices(self):
+        """Per unit family: the alive channels (None when all are), cached until ``alive``
+        changes."""
+        key = self.alive.cpu().numpy().tobytes()
+        if self._cache is None or self._cache[0] != key:
+            alive = self.alive.cpu()
+            idx = {}
+            for g in self.gates:
+                if g.kind == "unit":
+                    a = alive[g.slice]
+                    idx[g.name] = None if bool(a.all()) else \
+                        torch.nonzero(a).flatten().to(self.theta.device)
+            self._cache = (key, idx)
+        return self._cache[1]
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x, xi: torch.Tensor | None = None):
+        """Logits.  Training: gates sampled (or ``xi``, a bool vector over all gates, forced:
+        for exact enumeration in tests); eval: deterministic, every live gate multiplied by its
+        theta (the mean-field network: the first moments the BN statistics were gathered
+        under; at theta in {0, 1}, e.g. after :meth:`round_`, exactly the pruned network)."""
+        idx = self._indices()
+        if self.training:
+            self._leaf = self.theta.detach().clone().requires_grad_(True)
+            if xi is None:
+                xi = torch.rand_like(self.theta) < self.theta
+            elif xi.shape != self.theta.shape or xi.dtype != torch.bool:
+                raise ValueError(f"xi must be a bool tensor of shape {tuple(self.theta.shape)}, "
+                                 f"got {xi.dtype} {tuple(xi.shape)}")
+            xi = xi.to(self.theta.device) & self.alive
+            self._xi = xi
+            mult, compute = multipliers(self.estimator, xi, self._leaf, self.alive)
+        else:  # mean field: every live gate scaled by theta (exactly the 0/1 net at vertices)
+            mult = self.theta * self.alive
+            compute = self.alive.tolist()
+        # flip re-runs only the blocks after a flipped gate, from these saved block inputs
+        self._inputs = [] if (self.training and self.estimator == "flip") else None
+        return self._tail(self._stem(x, mult), 0, mult, compute, idx, self._inputs)
+
+    def _stem(self, x, mult):
+        stem = self.by_name.get("conv1")  # ResNet-50 stem filters: multiplied, never sliced
+        return fwd.stem(self.net, x, None if stem is None else mult[stem.slice])
+
+    def _tail(self, h, start, mult, compute, idx, inputs=None):
+        """Blocks ``start:`` and the head on ``h`` (the input of block ``start``), with gate
+        multipliers ``mult``, ``compute`` (per gate: is its branch computed) and the alive
+        channel indices ``idx``; appends every block's input to ``inputs`` when given.  A
+        skipped block is its identity shortcut: its input is a ReLU output, ``relu(x + 0) =
+        x``."""
+        modules = self._modules_by_name
+        for info in self.layout.blocks[start:]:
+            if inputs is not None:
+                inputs.append(h)
+            bgate = self.by_name.get(f"block.{info.name}")
+            if bgate is not None and not compute[bgate.start]:
+                continue
+            select, scales = [], []
+            for conv in info.convs[:-1]:
+                gate = self.by_name[conv]
+                sel = idx[gate.name]
+                select.append(sel)
+                scales.append(mult[gate.slice] if sel is None else mult[gate.slice][sel])
+            layers = [(modules[c], modules[b]) for c, b in zip(info.convs, info.bns)]
+            h = fwd.block(h, modules[info.name].downsample, layers, select=select + [None],
+                          scales=scales, out_scale=None if bgate is None else mult[bgate.start])
+        return fwd.head(self.net, h)
+
+    # ---------------------------------------------------------------- gradient and update
+    def theta_gradient(self, ce: torch.Tensor, batch=None) -> torch.Tensor:
+        """The step's gradient estimate w.r.t. theta, after ``backward()`` of a loss that
+        contained ``ce`` (this step's cross-entropy, detached) and possibly :meth:`penalty`:
+        the leaf's gradient (straight-through and the exact cost part) plus, for ``reinforce``,
+        ``(ce - baseline) * score`` (the baseline is updated), for ``flip`` the conditional
+        differences on ``batch`` (``(x, y)``, the step's; required).  See :mod:`.estimators`."""
+        return theta_gradient(self, ce, batch)
+
+    @torch.no_grad()
+    def step_theta(self, grad: torch.Tensor, lr: float, precondition: bool = True) -> int:
+        """Projected SGD: ``theta <- clip(theta - lr P grad, 0, 1)`` on live, unpinned gates,
+        with ``P = diag(1 / unit_cost)`` (every gate's marginal cost at theta = 1) when
+        ``precondition``, else ``P = I``.  A gate reaching 0 dies for good, except a unit
+        family's last live unit, which is pinned at 1.  Returns the number of gates that died.
+
+        Why precondition: a block's marginal cost is the sum of its units', so plain SGD moves
+        block gates (width of the block) times faster than unit gates and removes blocks soon
+        after the warm-up, before the network has learned what to keep.  A positive diagonal
+        rescaling keeps the descent direction and the fixed points (KKT points on the box);
+        under the cost alone every gate then moves at ``lr * lam`` per step, and the
+        cross-entropy gradient counts per unit of cost."""
+        free = self.alive & ~self.pinned
+        step = grad / self.unit_cost if precondition else grad
+        new = torch.where(free, (self.theta - lr * step).clamp(0.0, 1.0), self.theta)
+        dying = free & (new <= 0)
+        died = 0
+        if bool(dying.any()):
+            d = dying.cpu()
+            alive = self.alive.cpu()
+            for g in self.gates:
+                if g.kind != "unit" or not d[g.slice].any():
+                    continue
+                left = alive[g.slice] & ~d[g.slice]
+                if not left.any():  # keep the unit with the largest theta before the step
+                    th = torch.where(alive[g.slice], self.theta[g.slice].cpu(), -1.0)
+                    j = g.start + int(th.argmax())
+                    d[j] = False
+                    self.pinned[j] = True
+                    new[j] = 1.0
+            dying = d.to(self.alive.device)
+            died = int(d.sum())
+        self.alive &= ~dying
+        for b, units in self._block_units.items():  # a dead block's units go with it
+            if not bool(self.alive[b]) and bool(self.alive[units].any()):
+                self.alive[units] = False
+        self.theta.copy_(torch.where(self.alive, new, torch.zeros_like(new)))
+        return died
+
+    @torch.no_grad()
+    def round_(self) -> dict:
+        """Make every gate deterministic: ``theta <- 1`` where :meth:`deterministic_masks` keeps
+        it, else 0 (and dead).  Returns how many gates were rounded up and down from strictly
+        between 0 and 1."""
+        keep = self.deterministic_keep()
+        frac = (self.theta > 0) & (self.theta < 1) & self.alive
+        info = {"rounded_up": int((frac & keep).sum()), "rounded_down": int((frac & ~keep).sum()),
+                "rule_text": "theta >= 0.5 kept; a kept block's empty unit family keeps its "
+                        "largest-theta unit"}
+        self.alive &= keep
+        for b, units in self._block_units.items():  # a removed block's units go with it
+            if not bool(self.alive[b]):
+                self.alive[units] = False
+        self.theta.copy_(self.alive.to(self.theta.dtype))
+        return info
+
+    def stats(self) -> dict:
+        """Per-epoch numbers: expected MACs/params/blocks, MACs/params of the deterministic
+        network, MACs of the live network (what a training step computes: every structure not
+        yet dead), live units and blocks, mean theta of live gates."""
+        with torch.no_grad():
+            e = self.expected()
+            keep = self.deterministic_keep().to(self.theta.dtype)
+            d = self.expected(keep)
+            a = self.alive
+            live = self.expected(a.to(self.theta.dtype))
+            nu = self.n_units
+            return {"exp_macs": float(e["macs"]), "exp_params": float(e["params"]),
+                    "exp_blocks": float(e["blocks"]), "det_macs": float(d["macs"]),
+                    "det_params": float(d["params"]), "det_blocks": float(d["blocks"]),
+                    "live_macs": float(live["macs"]),
+                    "units_alive": int(a[:nu].sum()), "blocks_alive": int(a[nu:].sum()),
+                    "theta_mean": float(self.theta[a].mean()) if bool(a.any()) else 0.0,
+                    "cost": float(self.cost())}
+
+    def theta_by_family(self) -> dict[str, list[float]]:
+        return {g.name: [round(float(v), 5) for v in self.theta[g.slice].tolist()]
+                for g in self.gates}

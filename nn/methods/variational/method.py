@@ -1,0 +1,177 @@
+"""``variational``: the variational Bernoulli unit + block pruner (DESIGN §6) as a method.
+
+Each step the network weights follow SGD on ``CE + lam R(theta)`` (R does not depend on them);
+``theta`` follows projected SGD with its own step ``theta_lr`` on the estimated
+``dE[CE]/dtheta + lam dR/dtheta`` (:meth:`GatedResNet.theta_gradient`,
+:meth:`GatedResNet.step_theta`), after ``gate_warmup_epochs`` in which it does not move (the
+weights first learn something worth keeping).  ``R`` is the run's cost (:mod:`nn.cost`) in
+expectation under the gates.  Selection rounds every theta to 0 or 1 and recomputes the BN
+statistics of that deterministic network on the calibration images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from nn.config import ConfigError
+from nn.methods.base import Method, Training
+from nn.methods.variational.estimators import (DEFAULT_ESTIMATOR, DEFAULT_FLIP_BLOCKS,
+                                               DEFAULT_FLIP_UNITS, ESTIMATORS)
+from nn.methods.variational.gated import GatedResNet
+
+__all__ = ["Variational", "VariationalOptions", "hooks", "recalibrate_bn"]
+
+
+@dataclass(frozen=True)
+class VariationalOptions:
+    """``theta_lr``: projected-SGD step on theta; ``estimator``: :data:`ESTIMATORS`;
+    ``gate_warmup_epochs``: epochs (may be fractional) before theta moves; ``theta_init``:
+    initial keep probability of every gate; ``precondition``: divide each gate's step by its
+    marginal cost at theta = 1 (:meth:`GatedResNet.step_theta` says why); ``flip_units``,
+    ``flip_blocks``: live unit and block gates flipped per step by ``flip`` (None: all)."""
+
+    theta_lr: float = 0.005
+    estimator: str = DEFAULT_ESTIMATOR
+    gate_warmup_epochs: float = 1.0
+    theta_init: float = 1.0
+    precondition: bool = True
+    flip_units: int | None = DEFAULT_FLIP_UNITS
+    flip_blocks: int | None = DEFAULT_FLIP_BLOCKS
+
+    def __post_init__(self):
+        for name, lo, hi, positive in (("theta_lr", 0, math.inf, True),
+                                       ("gate_warmup_epochs", 0, math.inf, False),
+                                       ("theta_init", 0, 1, True)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or not lo <= v <= hi or (positive and v == 0):
+                raise ValueError(f"{name} must be a number in [{lo}, {hi}]"
+                                 f"{' and > 0' if positive else ''}, got {v!r}")
+        for name in ("flip_units", "flip_blocks"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
+        if not isinstance(self.precondition, bool):
+            raise ValueError(f"precondition must be a bool, got {self.precondition!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+
+
+def hooks(gated: GatedResNet, options: VariationalOptions, steps_per_epoch: int) -> dict:
+    """``extra_loss``, ``after_backward`` and ``epoch_metrics`` for :func:`nn.training.train`.
+    The step counter lives in the gated module (a buffer), so a resumed run keeps its
+    warm-up position."""
+    warmup = round(options.gate_warmup_epochs * steps_per_epoch)
+    counts = {"died": 0}
+
+    def after_backward(m: GatedResNet, ce: torch.Tensor, x=None, y=None) -> None:
+        if int(m.steps) >= warmup:  # no estimate during the warm-up (flip costs forward passes)
+            g = m.theta_gradient(ce, None if x is None else (x, y))
+            counts["died"] += m.step_theta(g, options.theta_lr, options.precondition)
+        m.steps += 1
+
+    def epoch_metrics(m: GatedResNet, epoch: int) -> dict:
+        out = {f"gates_{k}": v for k, v in m.stats().items()}
+        out["gates_died"] = counts["died"]
+        counts["died"] = 0
+        out["theta"] = m.theta_by_family()
+        return out
+
+    return dict(extra_loss=lambda m: m.penalty(), after_backward=after_backward,
+                epoch_metrics=epoch_metrics)
+
+
+@torch.no_grad()
+def recalibrate_bn(module: torch.nn.Module, loader, max_batches: int | None = None) -> int:
+    """Recompute every BatchNorm's running statistics as the plain average over ``loader``'s
+    batches (``momentum=None``), the module in train mode (for a rounded GatedResNet that is
+    the deterministic network).  Training with sampled gates leaves statistics of networks
+    with some units off; the rounded network needs its own.  Returns the batches used."""
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    was_training = module.training
+    device = next(module.parameters()).device
+    n = 0
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        module.train()
+        for x, _ in loader:
+            module(x.to(device))
+            n += 1
+            if max_batches is not None and n >= max_batches:
+                break
+    finally:
+        for m, (mom, tr) in zip(bns, saved):
+            m.momentum = mom
+        module.train(was_training)
+    return n
+
+
+class Variational(Method):
+    name = "variational"
+    summary = "variational Bernoulli gates on units and blocks, pruning while it trains"
+    lam = 1.0
+    options = VariationalOptions
+    rule = None
+    uses_cost = True
+
+    def check(self, config):
+        if config.runtime.amp == "fp16":
+            raise ValueError("method variational needs --amp bf16 or off (fp16 loss scaling "
+                             "would scale the gate gradients)")
+
+    def training(self, run):
+        rt = run.config.runtime
+        if run.world > 1:
+            raise ConfigError("method variational runs in one process (its gate updates are "
+                              "not synchronised across DDP ranks yet); drop torchrun")
+        if rt.amp in ("auto", "on") and run.device.type == "cuda" \
+                and not torch.cuda.is_bf16_supported():
+            raise ConfigError("method variational needs --amp bf16 or off (fp16 loss scaling "
+                              "would scale the gate gradients)")
+        m, o = run.config.method, run.config.method.options
+        gated = GatedResNet(run.model, run.input_size, lam=m.lam, cost=m.cost,
+                            theta_init=o.theta_init, estimator=o.estimator,
+                            flip_units=o.flip_units, flip_blocks=o.flip_blocks).to(run.device)
+        return Training(gated, hooks(gated, o, run.steps_per_epoch), gated)
+
+    def select(self, run, training):
+        """Every theta rounded to 0 or 1 (``GatedResNet.round_``; the rule and the counts
+        rounded each way go into the record), then the BN statistics of that deterministic
+        network recomputed on the calibration images."""
+        gated = training.module
+        before = gated.stats()
+        info = gated.round_()
+        masks = gated.deterministic_masks()
+        batches = recalibrate_bn(gated, run.calibration())
+        m = run.config.method
+        sel = {"rule": "variational", **info, "before_rounding": before,
+               "structures": len(gated.theta), "bn_recalibration_batches": batches,
+               "removed": {n: int((~k).sum()) for n, k in masks.items()}}
+        sel["summary"] = (
+            f"variational gates (lam {m.lam}, cost {m.cost.formula()}, estimator "
+            f"{m.options.estimator}): {before['units_alive']} units and "
+            f"{before['blocks_alive']} block gates alive at the end; rounded up "
+            f"{info['rounded_up']}, down {info['rounded_down']} ({info['rule_text']})")
+        return masks, sel
+
+    def section(self, run, training):
+        m, o = run.config.method, run.config.method.options
+        return {"penalty": "variational", "lam": m.lam, "cost": m.cost.to_dict(),
+                "theta_lr": o.theta_lr, "estimator": o.estimator, "flip_units": o.flip_units,
+                "flip_blocks": o.flip_blocks, "warmup_epochs": o.gate_warmup_epochs,
+                "theta_init": o.theta_init,
+                "R": "macs E[MACs]/MACs0 + params E[params]/params0 + blocks E[blocks]/B "
+                     "(exact, multilinear in theta)"}
+
+    def plots(self, report, save, plt, title):
+        from nn.methods.variational.plots import gate_plots
+
+        tr = report["history"]["train"]
+        if tr and "theta" in tr[0]:
+            gate_plots(tr, title, save, plt)
