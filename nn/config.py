@@ -14,10 +14,10 @@ JSON (written as ``config.json`` and into the report; a resumed run must match i
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nn.checks import choice, integer, number
 from nn.cost import CostConfig
 from nn.data import DATASETS
 from nn.models import MODELS
@@ -40,22 +40,6 @@ def _bad(name, value, want):
     raise ValueError(f"{name} must be {want}, got {value!r}")
 
 
-def _number(name, v, lo=-math.inf, hi=math.inf, *, open_lo=False):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-            or v < lo or v > hi or (open_lo and v == lo):
-        _bad(name, v, f"a finite number in {'(' if open_lo else '['}{lo}, {hi}]")
-
-
-def _int(name, v, lo):
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        _bad(name, v, f"an int >= {lo}")
-
-
-def _choice(name, v, choices):
-    if v not in choices:
-        _bad(name, v, f"one of {tuple(choices)}")
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """``name`` of :data:`nn.data.DATASETS`; ``dir`` its folder (never downloaded); ``subset``
@@ -67,9 +51,9 @@ class DataConfig:
     synthetic: dict | None = None
 
     def __post_init__(self):
-        _choice("data", self.name, DATASETS)
+        choice("data", self.name, DATASETS)
         if self.subset is not None:
-            _int("subset", self.subset, 1)
+            integer("subset", self.subset, 1)
         if self.synthetic is not None and (self.name != "synthetic"
                                            or not isinstance(self.synthetic, dict)):
             _bad("synthetic", self.synthetic, "a dict of make_synthetic keywords, with "
@@ -86,9 +70,9 @@ class ModelConfig:
     shortcut: str | None = None
 
     def __post_init__(self):
-        _choice("model", self.name, MODELS)
-        _number("width", self.width, 0, 64, open_lo=True)
-        _choice("shortcut", self.shortcut, (None, "A", "B"))
+        choice("model", self.name, MODELS)
+        number("width", self.width, 0, 64, open_lo=True)
+        choice("shortcut", self.shortcut, (None, "A", "B"))
 
 
 @dataclass(frozen=True)
@@ -110,8 +94,8 @@ class OptimConfig:
     warmup_epochs: float = 0.0
 
     def __post_init__(self):
-        _int("finetune_epochs", self.finetune_epochs, 0)
-        _int("eval_batch_size", self.eval_batch_size, 1)
+        integer("finetune_epochs", self.finetune_epochs, 0)
+        integer("eval_batch_size", self.eval_batch_size, 1)
 
 
 @dataclass(frozen=True)
@@ -145,7 +129,7 @@ class MethodConfig:
         elif method.lam is None:
             raise ValueError(f"method {self.name} takes no lam (got {self.lam!r})")
         if self.lam is not None:
-            _number("lam", self.lam, 0)
+            number("lam", self.lam, 0)
         object.__setattr__(self, "options", method.make_options(self.options))
 
     @property
@@ -174,10 +158,10 @@ class SelectionConfig:
     mac_target: float = 0.5
 
     def __post_init__(self):
-        _choice("select", self.rule, RULES)
-        _number("tolerance", self.tolerance, 0, 100)
-        _number("mac_target", self.mac_target, 0, 1, open_lo=True)
-        _int("bisect_images", self.bisect_images, 1)
+        choice("select", self.rule, RULES)
+        number("tolerance", self.tolerance, 0, 100)
+        number("mac_target", self.mac_target, 0, 1, open_lo=True)
+        integer("bisect_images", self.bisect_images, 1)
 
 
 @dataclass(frozen=True)
@@ -200,8 +184,8 @@ class RuntimeConfig:
 
     def __post_init__(self):
         if self.threads is not None:
-            _int("threads", self.threads, 1)
-        _int("latency_repeats", self.latency_repeats, 1)
+            integer("threads", self.threads, 1)
+        integer("latency_repeats", self.latency_repeats, 1)
         lb = tuple(self.latency_batches) if isinstance(self.latency_batches,
                                                        (list, tuple)) else None
         if lb is None or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0

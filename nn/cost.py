@@ -12,7 +12,8 @@ variational pruner's price is the same weighted sum of *expected* costs under it
 (:mod:`nn.methods.variational.cost`).  A structure's ``MACs_j``/``params_j`` count, by ``basis``:
 
 ``saved``   its writer *and* reader slices: what physically removing it alone removes (the
-            default; about 2-3x the ``own`` count for a filter whose channel feeds a 3x3 conv);
+            default; for a filter read by one 3x3 conv of its own width, about twice its
+            ``own`` count);
 ``own``     its writer slices only: the filter with its BN pair (``params`` weight 1 and
             ``own`` basis is the SPR authors' weighting, ``n_j`` = the group's own
             parameters).
@@ -27,6 +28,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+
+from nn.checks import choice, number
 
 __all__ = ["BASES", "CostConfig", "piece_cost", "structure_costs", "parse_cost"]
 
@@ -46,12 +49,8 @@ class CostConfig:
 
     def __post_init__(self):
         for name in ("macs", "params", "blocks"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or v < 0:
-                raise ValueError(f"cost weight {name} must be a finite number >= 0, got {v!r}")
-        if self.basis not in BASES:
-            raise ValueError(f"cost basis must be one of {BASES}, got {self.basis!r}")
+            number(f"cost weight {name}", getattr(self, name), 0)
+        choice("cost basis", self.basis, BASES)
 
     def to_dict(self) -> dict:
         return asdict(self)

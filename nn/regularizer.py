@@ -27,7 +27,6 @@ so a training loop can always call it).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import torch
 from torch import nn as tnn
 
 from mipprune.penalty import C1, C2, C3, bigm_value, spr, spr_value
+from nn.checks import choice, number
 from nn.complexity import count_params, layer_macs
 from nn.cost import CostConfig, structure_costs
 from nn.models import KINDS, Family, build_families, group_weights
@@ -99,25 +99,17 @@ class SPRConfig:
     penalty: str = "spr"
 
     def __post_init__(self):
-        def number(x):
-            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-        if not number(self.lam) or self.lam < 0:
-            raise ValueError(f"lam must be a finite number >= 0, got {self.lam!r}")
-        if not number(self.alpha) or not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
-        if not number(self.M_scale) or self.M_scale <= 0:
-            raise ValueError(f"M_scale must be > 0, got {self.M_scale!r}")
+        number("lam", self.lam, 0)
+        number("alpha", self.alpha, 0, 1)
+        number("M_scale", self.M_scale, 0, open_lo=True)
         if not isinstance(self.cost, CostConfig):
             raise ValueError(f"cost must be an nn.cost.CostConfig, got {self.cost!r}")
         kinds = tuple(self.kinds) if isinstance(self.kinds, (list, tuple)) else None
         if not kinds or any(k not in KINDS for k in kinds) or len(set(kinds)) != len(kinds):
             raise ValueError(f"kinds must be distinct values of {KINDS}, got {self.kinds!r}")
         object.__setattr__(self, "kinds", kinds)
-        if self.beyond_M not in ("extend", "project"):
-            raise ValueError(f"beyond_M must be 'extend' or 'project', got {self.beyond_M!r}")
-        if self.penalty not in _PENALTIES:
-            raise ValueError(f"penalty must be 'spr' or 'bigm', got {self.penalty!r}")
+        choice("beyond_M", self.beyond_M, ("extend", "project"))
+        choice("penalty", self.penalty, tuple(_PENALTIES))
 
 
 def _reference_state(reference, model: tnn.Module) -> Mapping:

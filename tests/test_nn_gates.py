@@ -23,6 +23,8 @@ from nn.data import load_dataset, make_loader
 from nn.methods.variational.gated import ESTIMATORS, GatedResNet
 from nn.models import BasicBlock, Bottleneck, ResNet
 from nn.training import TIMING_KEYS, TrainConfig, train
+
+from helpers import random_bn_
 from nn.cost import CostConfig
 from nn.methods.variational import VariationalOptions, hooks
 
@@ -32,19 +34,6 @@ TOY = (1, 6, 6)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def random_bn_(model, seed=0):
-    """Random BN affine terms and running statistics: every constant is non-trivial."""
-    g = torch.Generator().manual_seed(seed)
-    for mod in model.modules():
-        if isinstance(mod, tnn.BatchNorm2d):
-            c = mod.num_features
-            mod.weight.data.copy_(0.3 + 0.7 * torch.rand(c, generator=g))
-            mod.bias.data.copy_(0.3 * torch.randn(c, generator=g))
-            mod.running_mean.copy_(0.3 * torch.randn(c, generator=g))
-            mod.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
-    return model
 
 
 def toy_net(width=3, seed=0, fc_scale=1.0):
@@ -888,7 +877,7 @@ def test_variational_defaults_and_the_gated_cost():
 
 @pytest.mark.parametrize("kw, match", [
     (dict(lam=-1), "lam must be"), (dict(cost={"macs": 1}), "cost must be"),
-    (dict(lam=float("nan")), "lam must be"), (dict(theta_init=0.0), r"theta_init .*\(0, 1\]"),
+    (dict(lam=float("nan")), "lam must be"), (dict(theta_init=0.0), r"theta_init .*> 0 and <= 1"),
     (dict(theta_init=1.01), "theta_init"), (dict(estimator="gumbel"), "estimator .*gumbel"),
     (dict(baseline_decay=1.5), "baseline_decay"), (dict(lam=False), "lam"),
 ])

@@ -400,3 +400,39 @@ def test_cost_spellings_old_and_new_mean_the_same(argv, cost):
 def test_slimming_lambda_is_an_old_spelling_of_lam():
     ns = build_parser().parse_args(["train", "--method", "slimming", "--slimming-lambda", "0.01"])
     assert config_from_args(ns).method.lam == 0.01
+
+
+def test_a_new_method_is_one_class_and_one_registration(tmp_path, monkeypatch):
+    """A method the pipeline has never heard of runs end to end once registered: its hooks
+    run during training, its scores drive the selection, its section lands in the report."""
+    import nn.methods as M
+    from nn.methods import Method, Training
+
+    seen = {"steps": 0}
+
+    class SmallestL2(Method):
+        name, summary, score_name = "toy-l2", "toy: L2 norm of the group", "L2"
+
+        def training(self, run):
+            def after_step(m):
+                seen["steps"] += 1
+            return Training(run.model, {"after_step": after_step})
+
+        def scores(self, run, training):
+            params = dict(training.module.named_parameters())
+            from nn.models import group_weights
+            return {f.name: group_weights(params, f).detach().double().norm(dim=1)
+                    for f in run.pruned}
+
+        def section(self, run, training):
+            return {"penalty": None, "note": "toy"}
+
+    monkeypatch.setitem(M._REGISTRY, "toy-l2", "unused:unused")
+    monkeypatch.setitem(M._loaded, "toy-l2", SmallestL2())
+    report = run_pipeline(tiny(tmp_path, "toy-l2"))
+    assert report["method"] == "toy-l2" and report["regularizer"] == {"penalty": None,
+                                                                      "note": "toy"}
+    assert seen["steps"] == 2 * 6  # 2 epochs of 192 images in batches of 32
+    sel = report["selection"]
+    assert sel["rule"] == "mac-target" and sel["score"] == "L2" and sel["target_reached"]
+    assert report["complexity"]["pruned"]["macs"] <= 0.6 * report["complexity"]["dense"]["macs"]

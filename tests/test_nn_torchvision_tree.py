@@ -19,6 +19,8 @@ from nn.methods.variational.gated import GatedResNet
 from nn.models import BasicBlock, Bottleneck, PadShortcut, ResNet, family_of
 from nn.models.resnet import arch_of, layout
 
+from helpers import random_bn_
+
 D = torch.float64
 
 
@@ -116,18 +118,6 @@ class TVResNet(tnn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def random_bn_(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, tnn.BatchNorm2d):
-            c = m.num_features
-            m.weight.data.copy_(0.3 + 0.7 * torch.rand(c, generator=g))
-            m.bias.data.copy_(0.3 * torch.randn(c, generator=g))
-            m.running_mean.copy_(0.3 * torch.randn(c, generator=g))
-            m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
-    return model
 
 
 # (kind, shortcut, stem): both block types, both shortcut options, both stems

@@ -22,6 +22,9 @@ the block gate can.
 The forward is the ResNet's own (:mod:`nn.models.resnet.forward`): live channels selected,
 gate multipliers folded into the convs and BNs.  The price of size ``lam R(theta)`` is exact
 (:mod:`.cost`); ``d E[CE] / d theta`` is estimated by one of :mod:`.estimators`.
+
+One concept, the gated network and its state (theta, alive, pinned): its forward, masks,
+rounding and statistics read and write the same buffers, so they stay in one module.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn as tnn
 
+from nn.checks import choice, number, optional_count
 from nn.complexity import count_macs, count_params, layer_macs
 from nn.cost import CostConfig
 from nn.methods.variational import cost as C
@@ -85,18 +89,12 @@ class GatedResNet(tnn.Module):
         cost = CostConfig() if cost is None else cost
         if not isinstance(cost, CostConfig):
             raise ValueError(f"cost must be an nn.cost.CostConfig, got {cost!r}")
-        for label, v, lo, hi in (("lam", lam, 0, None), ("theta_init", theta_init, 0, 1),
-                                 ("baseline_decay", baseline_decay, 0, 1)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < lo or \
-                    (hi is not None and v > hi) or v != v:
-                raise ValueError(f"{label} must be a number in [{lo}, {hi or 'inf'}], got {v!r}")
-        if theta_init <= 0:
-            raise ValueError(f"theta_init must be in (0, 1], got {theta_init!r}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        for label, v in (("flip_units", flip_units), ("flip_blocks", flip_blocks)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"{label} must be None or an int >= 1, got {v!r}")
+        number("lam", lam, 0)
+        number("theta_init", theta_init, 0, 1, open_lo=True)
+        number("baseline_decay", baseline_decay, 0, 1)
+        choice("estimator", estimator, ESTIMATORS)
+        optional_count("flip_units", flip_units)
+        optional_count("flip_blocks", flip_blocks)
         self.flip_units, self.flip_blocks = flip_units, flip_blocks
         self.net = net
         self.lam, self.cost_config = float(lam), cost

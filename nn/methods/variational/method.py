@@ -11,11 +11,11 @@ statistics of that deterministic network on the calibration images.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from nn.checks import choice, number, optional_count
 from nn.config import ConfigError
 from nn.methods.base import Method, Training
 from nn.methods.variational.estimators import (DEFAULT_ESTIMATOR, DEFAULT_FLIP_BLOCKS,
@@ -42,22 +42,14 @@ class VariationalOptions:
     flip_blocks: int | None = DEFAULT_FLIP_BLOCKS
 
     def __post_init__(self):
-        for name, lo, hi, positive in (("theta_lr", 0, math.inf, True),
-                                       ("gate_warmup_epochs", 0, math.inf, False),
-                                       ("theta_init", 0, 1, True)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or not lo <= v <= hi or (positive and v == 0):
-                raise ValueError(f"{name} must be a number in [{lo}, {hi}]"
-                                 f"{' and > 0' if positive else ''}, got {v!r}")
-        for name in ("flip_units", "flip_blocks"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
+        number("theta_lr", self.theta_lr, 0, open_lo=True)
+        number("gate_warmup_epochs", self.gate_warmup_epochs, 0)
+        number("theta_init", self.theta_init, 0, 1, open_lo=True)
+        optional_count("flip_units", self.flip_units)
+        optional_count("flip_blocks", self.flip_blocks)
         if not isinstance(self.precondition, bool):
             raise ValueError(f"precondition must be a bool, got {self.precondition!r}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        choice("estimator", self.estimator, ESTIMATORS)
 
 
 def hooks(gated: GatedResNet, options: VariationalOptions, steps_per_epoch: int) -> dict:

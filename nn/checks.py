@@ -1,0 +1,44 @@
+"""Argument checks shared by every configuration object: each raises ``ValueError`` naming the
+bad value and what is allowed, so a setting is validated the same way wherever it is given."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["number", "integer", "choice", "optional_count"]
+
+
+def number(name: str, v, lo: float = -math.inf, hi: float = math.inf, *,
+           open_lo: bool = False) -> float:
+    """``v`` as a float, if it is a finite real number (not a bool) in ``[lo, hi]`` (``(lo,
+    hi]`` with ``open_lo``)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or v < lo or v > hi or (open_lo and v == lo):
+        want = "a finite number"
+        if lo > -math.inf:
+            want += f" {'>' if open_lo else '>='} {lo:g}"
+        if hi < math.inf:
+            want += f"{' and' if lo > -math.inf else ''} <= {hi:g}"
+        raise ValueError(f"{name} must be {want}, got {v!r}")
+    return float(v)
+
+
+def integer(name: str, v, lo: int) -> int:
+    """``v`` if it is an int (not a bool) ``>= lo``."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def optional_count(name: str, v) -> int | None:
+    """``v`` if it is None ("all") or an int >= 1."""
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
+    return v
+
+
+def choice(name: str, v, choices):
+    """``v`` if it is one of ``choices``."""
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {v!r}")
+    return v

@@ -1,0 +1,17 @@
+"""Helpers shared by several test modules (plain functions; fixtures live in conftest)."""
+
+import torch
+from torch import nn as tnn
+
+
+def random_bn_(model, seed=0):
+    """Random BN affine terms and running statistics: every constant is non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, tnn.BatchNorm2d):
+            c = mod.num_features
+            mod.weight.data.copy_(0.3 + 0.7 * torch.rand(c, generator=g))
+            mod.bias.data.copy_(0.3 * torch.randn(c, generator=g))
+            mod.running_mean.copy_(0.3 * torch.randn(c, generator=g))
+            mod.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
+    return model
