@@ -36,8 +36,7 @@ from benchmarks import _common
 from benchmarks.measure import interleaved_rounds, kept_rounds, paired_ratio, summarize, \
     train_step
 from nn import build_model, compress, count_macs
-from nn.methods.variational.gated import ESTIMATORS, GatedResNet
-from nn.methods.variational import GatedResNet, VariationalOptions, hooks
+from nn.methods.variational import ESTIMATORS, GatedResNet, VariationalOptions, hooks
 
 
 def gated_step(gated: GatedResNet, opt, x, y, after_backward):

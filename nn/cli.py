@@ -31,8 +31,8 @@ QUICK = {"data": {"subset": 15000}, "optim": {"epochs": 5, "finetune_epochs": 2,
                                              "finetune_lr": 0.02},
          "selection": {"tolerance": 1.0, "bisect_images": 4096},
          "runtime": {"latency_repeats": 20}}
-"""``--quick``: a real-data demo on Fashion-MNIST that ends on 2 CPU cores in well under 15
-minutes -- a stratified 15k-image training subset, 5 regularised epochs, bisection on 4096
+"""``--quick``: a real-data demo on Fashion-MNIST sized for a 2-core CPU -- a stratified
+15k-image training subset, 5 regularised epochs, bisection on 4096
 training images with a 1 pp tolerance, 2 fine-tuning epochs (lr 0.02), the full 10k test set;
 the method keeps its defaults."""
 

@@ -6,14 +6,12 @@ trace, histories, timings, the method's own section) and a printable table.  Fig
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn as tnn
 
 from nn.plots import write_plots
 from nn.provenance import git_info
-from nn.selection import _pct
+from nn.selection import percent
 
 __all__ = ["build_report", "layer_widths", "block_summary", "git_info", "write_plots",
            "format_table"]
@@ -139,10 +137,10 @@ def format_table(report: dict) -> str:
     if lat["batches"]:
         lines.append(f"  (latency: median of {cfg['runtime']['latency_repeats']} runs on {lat['device']}, "
                      f"{lat['threads']} threads)")
-    lines.append(f"test accuracy: before pruning {_pct(a['test_before_pruning'])} | after pruning "
-                 f"{_pct(a['test_after_pruning'])} | after fine-tune "
-                 f"{_pct(a['test_after_finetune'])} | saved model reloaded "
-                 f"{_pct(a['test_reloaded'])} ({'matches' if a['reload_matches'] else 'DIFFERS'})")
+    lines.append(f"test accuracy: before pruning {percent(a['test_before_pruning'])} | after pruning "
+                 f"{percent(a['test_after_pruning'])} | after fine-tune "
+                 f"{percent(a['test_after_finetune'])} | saved model reloaded "
+                 f"{percent(a['test_reloaded'])} ({'matches' if a['reload_matches'] else 'DIFFERS'})")
     lines.append(f"selection: {sel['summary']}")
     blocks = report["blocks"]
     lines.append(f"blocks with a conv branch: {report['blocks_kept']}/{len(blocks)}  "

@@ -27,58 +27,13 @@ from nn.evaluation import evaluate
 from nn.models import Family, apply_masks, compress
 
 __all__ = ["protected", "removal_order", "cut_points", "threshold_of", "prefix_masks",
-           "bisect_largest", "bisect_threshold", "first_at_most", "select_by_scores"]
+           "bisect_largest", "bisect_threshold", "first_at_most", "select_by_scores",
+           "summary", "percent"]
 
 
 def protected(families: Sequence[Family]) -> set[str]:
     """Families that must keep at least one channel (compress forbids emptying them)."""
     return {f.name for f in families if f.kind == "stream" or f.name == "conv1"}
-
-
-def _writers_of(model: tnn.Module, family: Family, kind: type) -> list[Piece]:
-    mods = dict(model.named_modules())
-    return [p for p in family.writers if p.dim is not None and p.param.endswith(".weight")
-            and isinstance(mods[p.param.rsplit(".", 1)[0]], kind)]
-
-
-def _per_structure(params: dict, pieces: list[Piece], size: int, fn) -> torch.Tensor:
-    out = torch.zeros(size, dtype=torch.float64)
-    for p in pieces:
-        t = params[p.param].detach().movedim(p.dim, 0).reshape(size, -1)
-        out += fn(t).double().cpu()
-    return out
-
-
-@torch.no_grad()
-def structure_scores(method: str, model: tnn.Module, families: Sequence[Family], *,
-                     reg=None, score: str = "norm") -> dict[str, torch.Tensor]:
-    """Score of every structure of ``families`` (float64 CPU tensors; see the module docstring).
-    ``reg`` (the :class:`~nn.regularizer.SPRRegularizer`) is needed for ``score="z"``."""
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    params = dict(model.named_parameters())
-    out = {}
-    for f in families:
-        if method in ("spr", "bigm"):
-            w = group_weights(params, f).detach()
-            if score == "z":
-                if reg is None or f.name not in reg.M:
-                    raise ValueError(f"score='z' needs the regularizer of family {f.name!r}")
-                s = spr(w.double(), reg.a[f.name].to(w.device), reg.b[f.name].to(w.device),
-                        reg.M[f.name]).z
-            else:
-                s = w.double().norm(dim=1)
-            out[f.name] = s.cpu()
-        elif method == "slimming":
-            out[f.name] = _per_structure(params, _writers_of(model, f, tnn.BatchNorm2d), f.size,
-                                         lambda t: t.pow(2).sum(1)).sqrt()
-        elif method == "l1-filter":
-            out[f.name] = _per_structure(params, _writers_of(model, f, tnn.Conv2d), f.size,
-                                         lambda t: t.abs().sum(1))
-        else:
-            raise ValueError(f"method {method!r} has no scores; expected one of "
-                             f"{METHODS[:2] + METHODS[3:]}")
-    return out
 
 
 def removal_order(scores: dict[str, torch.Tensor], families: Sequence[Family],
@@ -196,9 +151,9 @@ def select_by_scores(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict
     per_layer = method.per_layer
     order = removal_order(scores, fams, per_layer)
     cuts = cut_points(order, scores, per_layer)
-    sel = {"rule": rule, "score": method.score_name(run) if callable(method.score_name)
-           else method.score_name, "order": "per-layer" if per_layer else "global",
-           "structures": len(order), "candidates": len(cuts)}
+    sel = {"rule": rule, "score": method.score_name(run),
+           "order": "per-layer" if per_layer else "global", "structures": len(order),
+           "candidates": len(cuts)}
 
     def macs(k):
         return count_macs(compress(model, prefix_masks(fams, order, k)), run.input_size)
@@ -235,12 +190,12 @@ def summary(sel: dict) -> str:
         return (f"bisection on {sel['train_subset_images']} training images, tolerance "
                 f"{sel['tolerance_pp']} pp, score {sel['score']}: removed {sel['cut']} of "
                 f"{sel['structures']} structures (tau {sel['tau']}); train acc "
-                f"{_pct(sel['train_acc_unpruned'])} -> {_pct(sel['train_acc_pruned'])} in "
+                f"{percent(sel['train_acc_unpruned'])} -> {percent(sel['train_acc_pruned'])} in "
                 f"{len(sel['trace'])} evaluations")
     return (f"MAC target {sel['mac_target']} of dense "
             f"({'reached' if sel['target_reached'] else 'NOT reached'}), score {sel['score']}, "
             f"{sel['order']} order: removed {sel['cut']} of {sel['structures']} structures")
 
 
-def _pct(x) -> str:
+def percent(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"

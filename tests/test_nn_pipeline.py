@@ -411,7 +411,7 @@ def test_a_new_method_is_one_class_and_one_registration(tmp_path, monkeypatch):
     seen = {"steps": 0}
 
     class SmallestL2(Method):
-        name, summary, score_name = "toy-l2", "toy: L2 norm of the group", "L2"
+        name, summary, score = "toy-l2", "toy: L2 norm of the group", "L2"
 
         def training(self, run):
             def after_step(m):

@@ -74,6 +74,8 @@ class Method:
                   ``mac-target``), or None when the method decides its own structures
     ``finetunes`` whether the pruned model is fine-tuned
     ``uses_cost`` whether ``--cost`` changes what it does
+    ``score``     the name of its score (reported with the selection)
+    ``per_layer`` whether its removal order is per layer (else global)
     """
 
     name: str = ""
@@ -83,7 +85,7 @@ class Method:
     rule: str | None = "mac-target"
     finetunes: bool = True
     uses_cost: bool = False
-    score_name: str = ""
+    score: str = ""
     per_layer: bool = False
 
     def make_options(self, given):
@@ -108,6 +110,9 @@ class Method:
 
     def training(self, run: Run) -> Training:
         return Training(run.model)
+
+    def score_name(self, run: Run) -> str:
+        return self.score
 
     def scores(self, run: Run, training: Training) -> dict[str, torch.Tensor]:
         """Score of every structure of ``run.pruned`` (float64 CPU tensors; lowest removed

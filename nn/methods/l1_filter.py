@@ -14,7 +14,7 @@ __all__ = ["L1Filter"]
 class L1Filter(Method):
     name = "l1-filter"
     summary = "Li et al. 2017: L1 norm of the filters, per-layer order, to a MAC target"
-    score_name = "L1"
+    score = "L1"
     per_layer = True
 
     def scores(self, run, training):

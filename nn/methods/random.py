@@ -13,7 +13,7 @@ __all__ = ["RandomFilters"]
 class RandomFilters(Method):
     name = "random"
     summary = "random order of the structures (seeded), to a MAC target: the floor"
-    score_name = "random"
+    score = "random"
 
     def scores(self, run, training):
         g = torch.Generator().manual_seed(run.config.runtime.seed)

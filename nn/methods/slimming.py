@@ -33,7 +33,7 @@ class Slimming(Method):
     name = "slimming"
     summary = "Liu et al. 2017: L1 on the BN scales during training, global threshold"
     lam = 1e-4
-    score_name = "|gamma|"
+    score = "|gamma|"
 
     def training(self, run):
         term = slimming_penalty(run.model, run.pruned, run.config.method.lam)
