@@ -118,6 +118,8 @@ def _synthetic(text):
 OPTIONS = {
     "--method": ("method", "name", dict(choices=METHODS, help="pruning method")),
     "--model": ("model", "name", dict(help="resnet20/32/44/56/110, resnet18/34/50")),
+    "--weights": ("model", "weights", dict(help="state_dict file to start from (e.g. a "
+                  "torchvision ResNet checkpoint); spr's M is then taken from it")),
     "--width": ("model", "width", dict(type=_num("--width", float, 0, True),
                                        help="channel multiplier")),
     "--shortcut": ("model", "shortcut", dict(choices=("A", "B"),
@@ -190,6 +192,14 @@ OPTIONS = {
         type=_num("--bisect-images", int, 1), help="calibration images")),
     "--mac-target": ("selection", "mac_target", dict(
         type=_num("--mac-target", float, 0, True, hi=1), help="fraction of dense MACs kept")),
+    "--budget": ("selection", "budget", dict(help="stated budget met exactly by the MILP "
+                 "selection: macs=F, params=F, latency=F (fractions of dense) or latency=Xms")),
+    "--granularity": ("selection", "granularity", dict(
+        type=_num("--granularity", int, 1), help="budget: kept counts are multiples of G")),
+    "--remove-blocks": ("selection", "remove_blocks", dict(
+        action="store_true", help="budget: whole residual blocks may be removed")),
+    "--latency-table": ("selection", "latency_table", dict(
+        help="budget latency: the table to read (default: measured now, or the cached one)")),
     "--device": ("runtime", "device", dict(help="auto, cpu, cuda, cuda:N")),
     "--amp": ("runtime", "amp", dict(choices=("auto", "on", "off", "bf16", "fp16"))),
     "--channels-last": ("runtime", "channels_last", dict(action="store_true")),
@@ -314,6 +324,14 @@ def config_from_args(ns: argparse.Namespace):
         raise ValueError(f"--lam: method {name} takes no strength")
     if method["cost"] and not chosen.uses_cost:
         raise ValueError(f"--cost: method {name} does not read a cost")
+    rule = parts["selection"].get("rule", "auto")
+    if rule == "auto":
+        rule = "budget" if parts["selection"].get("budget") else chosen.rule
+    for flag, needs in (("--mac-target", "mac-target"), ("--tolerance", "bisection")):
+        if flag in given and rule != needs:
+            raise ValueError(f"{flag} is read by the {needs} rule only, and this run selects "
+                             f"by {rule or 'the method itself'}: add --select {needs}"
+                             + (" or state --budget macs=F" if needs == "mac-target" else ""))
     if "structures" in method:
         method["structures"] = tuple(method["structures"].split("+"))
     method["cost"] = dataclasses.replace(CostConfig(), **method["cost"])

@@ -31,8 +31,9 @@ class ConfigError(ValueError):
     method that cannot run in this setting..."""
 
 
-RULES = ("auto", "bisection", "mac-target")
-"""Selection rules: ``auto`` is the method's own (:attr:`nn.methods.Method.rule`)."""
+RULES = ("auto", "bisection", "mac-target", "budget")
+"""Selection rules: ``auto`` is ``budget`` when a budget is given, else the method's own
+(:attr:`nn.methods.Method.rule`)."""
 KINDS_PRUNED = (("filter",), ("stream",), ("filter", "stream"))
 
 
@@ -63,11 +64,13 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """``name`` of :data:`nn.models.MODELS`, channel multiplier ``width``, ``shortcut`` A or B
-    (None: the architecture's published choice)."""
+    (None: the architecture's published choice), ``weights`` a state_dict file to start from
+    (None: random initialisation, seeded)."""
 
     name: str = "resnet20"
     width: float = 1.0
     shortcut: str | None = None
+    weights: str | None = None
 
     def __post_init__(self):
         choice("model", self.name, MODELS)
@@ -150,18 +153,39 @@ class SelectionConfig:
     """How scores become masks: ``rule`` (:data:`RULES`); ``tolerance`` the allowed
     training-accuracy drop in percentage points (bisection) over ``bisect_images``
     unaugmented training images (also the variational pruner's BN recalibration set);
-    ``mac_target`` the fraction of dense MACs kept (MAC target)."""
+    ``mac_target`` the fraction of dense MACs kept (MAC target); ``budget`` a stated budget
+    (:class:`nn.budget.Budget` text: ``macs=0.4``, ``params=0.3``, ``latency=0.5``,
+    ``latency=12ms``) met exactly by the OR layer's selection, with kept counts from multiples
+    of ``granularity`` and, with ``remove_blocks``, whole blocks removable; ``latency_table``
+    the table a latency budget reads (None: measured, or found in the cache)."""
 
     rule: str = "auto"
     tolerance: float = 0.5
     bisect_images: int = 5000
     mac_target: float = 0.5
+    budget: str | None = None
+    granularity: int = 1
+    remove_blocks: bool = False
+    latency_table: str | None = None
 
     def __post_init__(self):
+        from nn.budget import Budget
+
         choice("select", self.rule, RULES)
         number("tolerance", self.tolerance, 0, 100)
         number("mac_target", self.mac_target, 0, 1, open_lo=True)
         integer("bisect_images", self.bisect_images, 1)
+        integer("granularity", self.granularity, 1)
+        if self.budget is not None:
+            object.__setattr__(self, "budget", str(Budget.parse(self.budget)))
+        if self.rule not in ("auto", "budget") and self.budget is not None \
+                or self.rule == "budget" and self.budget is None:
+            raise ValueError(f"select {self.rule} and budget {self.budget!r} do not go "
+                             f"together: a budget is met by --select budget (or auto)")
+        if self.budget is None and (self.remove_blocks or self.granularity != 1
+                                    or self.latency_table):
+            raise ValueError("remove_blocks, granularity and latency_table shape a budgeted "
+                             "selection: give a budget (--budget)")
 
 
 @dataclass(frozen=True)

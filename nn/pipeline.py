@@ -38,7 +38,9 @@ from nn.evaluation import evaluate
 from nn.io import atomic_write, write_json
 from nn.methods import Run
 from nn.models import build_model, compress, load_pruned, prunable_structures, save_pruned
-from nn.training import CHECKPOINT, distributed_env, load_checkpoint, resolve_device, seed_all, train
+from nn.training import (CHECKPOINT, distributed_env, load_checkpoint, resolve_device,
+                         seed_all, train)
+from nn.weights import load_weights
 
 __all__ = ["ConfigError", "run_pipeline", "REPORT"]
 
@@ -137,8 +139,13 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device):
     input_size = (bundle.in_channels, bundle.image_size, bundle.image_size)
     seed_all(seed)
     m = cfg.model
-    model = build_model(m.name, bundle.num_classes, bundle.in_channels, m.width,
-                        m.shortcut).to(device)
+    model = build_model(m.name, bundle.num_classes, bundle.in_channels, m.width, m.shortcut)
+    if m.weights:
+        try:
+            load_weights(model, m.weights)
+        except ValueError as e:
+            raise ConfigError(f"--weights {m.weights}: {e}") from None
+    model = model.to(device)
     structures = prunable_structures(model, input_size)
 
     def loader(s):

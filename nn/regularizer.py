@@ -27,7 +27,6 @@ so a training loop can always call it).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -39,6 +38,7 @@ from nn.checks import choice, number
 from nn.complexity import count_params, layer_macs
 from nn.cost import CostConfig, structure_costs
 from nn.models import KINDS, Family, build_families, group_weights
+from nn.weights import read_state_dict
 
 __all__ = ["spr_penalty", "bigm_penalty", "SPRConfig", "SPRRegularizer"]
 
@@ -113,19 +113,7 @@ class SPRConfig:
 
 
 def _reference_state(reference, model: tnn.Module) -> Mapping:
-    if reference is None:
-        return dict(model.named_parameters())
-    if isinstance(reference, tnn.Module):
-        return reference.state_dict()
-    if isinstance(reference, (str, os.PathLike)):
-        reference = torch.load(reference, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(reference, Mapping) and key in reference:
-                reference = reference[key]
-    if not isinstance(reference, Mapping):
-        raise ValueError(f"reference must be a state_dict, a checkpoint path, a module or None, "
-                         f"got {type(reference).__name__}")
-    return reference
+    return dict(model.named_parameters()) if reference is None else read_state_dict(reference)
 
 
 class SPRRegularizer:

@@ -147,7 +147,11 @@ def select_by_scores(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict
     reaching the MAC target (MACs counted on the compressed model).  Every rank calls it (the
     evaluations are collective)."""
     cfg, model, fams = run.config.selection, run.model, run.pruned
-    rule = cfg.rule if cfg.rule != "auto" else method.rule
+    rule = cfg.rule if cfg.rule != "auto" else "budget" if cfg.budget else method.rule
+    if rule == "budget":
+        from nn.budget import select_to_budget
+
+        return select_to_budget(run, method, scores)
     per_layer = method.per_layer
     order = removal_order(scores, fams, per_layer)
     cuts = cut_points(order, scores, per_layer)

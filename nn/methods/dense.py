@@ -15,6 +15,10 @@ class Dense(Method):
     rule = None
     finetunes = False
 
+    def check(self, config):
+        if config.selection.budget:
+            raise ValueError("method dense prunes nothing: drop --budget")
+
     def select(self, run, training):
         masks = {f.name: torch.ones(f.size, dtype=torch.bool) for f in run.pruned}
         return masks, {"rule": "none", "summary": "none (dense)"}

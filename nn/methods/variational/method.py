@@ -113,6 +113,9 @@ class Variational(Method):
     uses_cost = True
 
     def check(self, config):
+        if config.selection.budget:
+            raise ValueError("method variational decides its structures with its gates; a "
+                             "stated budget is not supported for it yet: drop --budget")
         if config.runtime.amp == "fp16":
             raise ValueError("method variational needs --amp bf16 or off (fp16 loss scaling "
                              "would scale the gate gradients)")

@@ -1,0 +1,316 @@
+"""Selection to a stated budget: the width of every pruned family (and, if asked, which blocks
+stay) chosen by the OR layer's exact selection (:mod:`mipprune.select`) from the method's
+scores and the run's cost, so the pruned size is what the user stated on any machine.
+
+**The problem** (``mipprune select``'s format; nn passes plain arrays).  Each pruned family
+``f`` takes one width ``w_f`` from its candidates (multiples of the granularity ``g``, and its
+full size); keeping ``w`` structures keeps the ``w`` best-scored ones, so its value is the sum
+of its ``w`` largest scores.  With block removal on, a removable block's first inner family
+(its *carrier*) also takes width 0: the block is removed (its value and every cost inside it
+go).  The cost of the network is exact as a sum of unary and pairwise terms:
+
+    MACs, params   each parameter tensor costs  full * (w_out / s_out) * (w_in / s_in) * kept_b
+                   (the families it is written and read by, and its block)
+    latency        each timed layer costs  table(layer, w_in, w_out) * kept_b   (+ a constant)
+
+where a factor of a family that is not pruned is 1, and ``kept_b = [w_carrier > 0]``.  Every
+term thus involves at most two pruned families; a term that would couple three (a Bottleneck
+conv between two pruned families inside a removable block, with streams pruned) is refused.
+
+**Budgets** (:class:`Budget`): ``macs=0.4`` or ``params=0.3`` (fractions of the dense model's
+counts), ``latency=0.5`` (a fraction of the dense model's latency, as the latency table
+predicts it on the table's device) or ``latency=12ms``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Budget", "BUDGET_KINDS", "candidate_widths", "tensor_costs", "carriers",
+           "count_terms", "build_problem", "widths_to_masks", "total", "select_to_budget"]
+
+BUDGET_KINDS = ("macs", "params", "latency")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``kind`` of :data:`BUDGET_KINDS`; ``value`` a fraction of the dense model's in (0, 1],
+    or, with ``unit="ms"`` (latency only), milliseconds."""
+
+    kind: str
+    value: float
+    unit: str = "fraction"
+
+    def __post_init__(self):
+        from nn.checks import choice, number
+
+        choice("budget kind", self.kind, BUDGET_KINDS)
+        choice("budget unit", self.unit, ("fraction", "ms"))
+        if self.unit == "ms":
+            if self.kind != "latency":
+                raise ValueError(f"a budget in ms is a latency budget, got {self.kind}=...ms")
+            number("budget", self.value, 0, open_lo=True)
+        else:
+            number(f"budget {self.kind}", self.value, 0, 1, open_lo=True)
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """``macs=0.4``, ``params=0.3``, ``latency=0.5`` or ``latency=12ms``."""
+        m = re.fullmatch(r"\s*(\w+)\s*=\s*([0-9.eE+-]+)\s*(ms)?\s*", str(text))
+        if not m:
+            raise ValueError(f"--budget must be KIND=VALUE with KIND one of "
+                             f"{', '.join(BUDGET_KINDS)} (e.g. macs=0.4, latency=12ms), "
+                             f"got {text!r}")
+        try:
+            value = float(m.group(2))
+        except ValueError:
+            raise ValueError(f"--budget value must be a number, got {m.group(2)!r}") from None
+        return cls(m.group(1), value, "ms" if m.group(3) else "fraction")
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value:g}{'ms' if self.unit == 'ms' else ''}"
+
+    def absolute(self, dense: float) -> float:
+        """The budget in the cost's own unit, given the dense model's cost."""
+        return self.value if self.unit == "ms" else self.value * dense
+
+
+def candidate_widths(size: int, granularity: int, removable: bool = False) -> list[int]:
+    """Multiples of ``granularity`` up to ``size``, and ``size`` itself (at least one
+    structure kept), with 0 first when the family carries a removable block."""
+    widths = sorted({*range(granularity, size + 1, granularity), size})
+    return ([0] if removable else []) + widths
+
+
+@dataclass(frozen=True)
+class TensorCost:
+    """One parameter tensor: its parameters and MACs in the dense model, the pruned families
+    that set its output and input axes (None: fixed) and the removable block it lives in."""
+
+    name: str
+    params: int
+    macs: int
+    out_family: str | None
+    in_family: str | None
+    block: str | None
+
+
+def tensor_costs(model: torch.nn.Module, structures, lmacs: dict[str, int]) -> list[TensorCost]:
+    """Every parameter tensor of ``model`` with the families of ``structures`` that scale it
+    (writers along dim 0 set the output axis, readers along dim 1 the input axis; ``block``
+    families contain their branch tensors whole)."""
+    out_of, in_of, block_of = {}, {}, {}
+    for f in structures:
+        if f.kind == "block":
+            for p in f.writers:
+                block_of[p.param] = f.name
+        elif f.kind in ("filter", "stream"):
+            for p in f.writers:
+                out_of[p.param] = f.name
+            for p in f.readers:
+                in_of[p.param] = f.name
+    rows = []
+    for name, p in model.named_parameters():
+        layer = name.rsplit(".", 1)[0]
+        macs = lmacs.get(layer, 0) if name.endswith(".weight") else 0
+        rows.append(TensorCost(name, p.numel(), macs, out_of.get(name), in_of.get(name),
+                               block_of.get(name)))
+    return rows
+
+
+def carriers(structures, pruned_names) -> dict[str, str]:
+    """``{block family: the first pruned filter family inside it}`` (its carrier: width 0
+    removes the block), for the removable blocks that contain a pruned family."""
+    out = {}
+    for b in (f for f in structures if f.kind == "block"):
+        inside = {p.param for p in b.writers}
+        for f in structures:
+            if f.kind == "filter" and f.name in pruned_names and \
+                    {p.param for p in f.writers} <= inside:
+                out[b.name] = f.name
+                break
+    return out
+
+
+def count_terms(tensors: list[TensorCost], kind: str, sizes: dict[str, int],
+                block_carriers: dict[str, str]) -> list[tuple]:
+    """The MAC or parameter cost terms of :func:`build_problem`: one per tensor, the product
+    of its factors (``w / size`` for the families setting its axes, ``[w > 0]`` for its
+    block's carrier; fixed families contribute 1).  ``ValueError`` for a tensor scaled by
+    three pruned families."""
+    terms = []
+    for t in tensors:
+        full = t.macs if kind == "macs" else t.params
+        if not full:
+            continue
+        roles = [(f, "width") for f in (t.out_family, t.in_family) if f in sizes]
+        carrier = block_carriers.get(t.block) if t.block else None
+        if carrier is not None and carrier not in {f for f, _ in roles}:
+            roles.append((carrier, "kept"))
+        fams = sorted({f for f, _ in roles})
+        if len(fams) > 2:
+            raise ValueError(f"{t.name} is scaled by three pruned families {fams}: prune "
+                             f"streams or remove blocks, not both, for this model")
+        a, b = (fams + [None, None])[:2]
+
+        def fn(wa, wb, roles=roles, a=a, full=full):
+            x = float(full)
+            for f, role in roles:
+                w = wa if f == a else wb
+                x *= (w / sizes[f]) if role == "width" else float(w > 0)
+            return x
+
+        terms.append((a, b, fn))
+    return terms
+
+
+def build_problem(families, scores: dict[str, torch.Tensor], terms, budget_abs: float,
+                  constant: float, granularity: int, block_carriers: dict[str, str],
+                  inside: dict[str, str]) -> dict:
+    """The selection problem (``mipprune select``'s JSON form).
+
+    ``families``: the pruned families; ``scores``: their structure scores; ``terms``: cost
+    terms ``(fam_a | None, fam_b | None, fn)`` where ``fn(w_a, w_b)`` is the cost at those
+    widths (a missing family passes None), already including the block factor; ``constant``:
+    the cost of everything no pruned family scales; ``inside``: ``{family: carrier}`` for
+    pruned families inside a removable block other than its carrier (their value counts only
+    while the block stays)."""
+    carried = set(block_carriers.values())
+    widths = {f.name: candidate_widths(f.size, granularity, f.name in carried) for f in families}
+    fams, unary, pairwise = [], {}, {}
+    for f in families:
+        s = torch.sort(scores[f.name].double(), descending=True).values
+        top = torch.cat([s.new_zeros(1), torch.cumsum(s, 0)])
+        value = [float(top[w]) for w in widths[f.name]]
+        if f.name in inside:  # counts only while its block stays: a pairwise value
+            c = inside[f.name]
+            pairwise.setdefault((c, f.name), {"cost": 0.0, "value": 0.0})
+            pairwise[(c, f.name)]["value"] = torch.tensor(
+                [[v if wc > 0 else 0.0 for v in value] for wc in widths[c]], dtype=torch.float64)
+            value = [0.0] * len(value)
+        fams.append({"name": f.name, "widths": widths[f.name], "value": value})
+    for a, b, fn in terms:
+        if a is None and b is None:
+            constant += float(fn(None, None))
+        elif b is None or a is None:
+            f = a if a is not None else b
+            row = torch.tensor([fn(w, None) if a is not None else fn(None, w)
+                                for w in widths[f]], dtype=torch.float64)
+            unary[f] = unary.get(f, 0.0) + row
+        else:
+            if (b, a) in pairwise:
+                a, b, fn = b, a, (lambda x, y, fn=fn: fn(y, x))
+            m = torch.tensor([[fn(x, y) for y in widths[b]] for x in widths[a]],
+                             dtype=torch.float64)
+            entry = pairwise.setdefault((a, b), {"cost": 0.0, "value": 0.0})
+            entry["cost"] = entry["cost"] + m
+    return {"families": fams,
+            "unary": [{"family": f, "cost": c.tolist()} for f, c in unary.items()],
+            "pairwise": [{"a": a, "b": b,
+                          **({"cost": e["cost"].tolist()} if torch.is_tensor(e["cost"]) else {}),
+                          **({"value": e["value"].tolist()} if torch.is_tensor(e["value"])
+                             else {})}
+                         for (a, b), e in pairwise.items()],
+            "constant": constant, "budget": budget_abs}
+
+
+def widths_to_masks(families, scores: dict[str, torch.Tensor], widths: dict[str, int],
+                    block_carriers: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Masks keeping the ``w_f`` best-scored structures of every family (ties: lower index
+    first), and removing the blocks whose carrier took width 0."""
+    masks = {}
+    for f in families:
+        keep = torch.zeros(f.size, dtype=torch.bool)
+        w = widths[f.name]
+        if w > 0:
+            order = torch.sort(scores[f.name].double(), descending=True, stable=True).indices
+            keep[order[:w]] = True
+        else:  # a removed block's carrier: its structures go with the block
+            keep[:] = True
+        masks[f.name] = keep
+    for block, carrier in block_carriers.items():
+        masks[block] = torch.tensor([widths[carrier] > 0])
+    return masks
+
+
+def _inside(structures, pruned_names, block_carriers) -> dict[str, str]:
+    """``{family: carrier}`` for pruned filter families inside a removable block that are not
+    its carrier (they go with the block)."""
+    out = {}
+    for b in (f for f in structures if f.kind == "block" and f.name in block_carriers):
+        params = {p.param for p in b.writers}
+        for f in structures:
+            if f.kind == "filter" and f.name in pruned_names and f.name != block_carriers[
+                    b.name] and {p.param for p in f.writers} <= params:
+                out[f.name] = block_carriers[b.name]
+    return out
+
+
+def total(terms, sizes: dict[str, int], widths: dict[str, int] | None = None) -> float:
+    """The cost of ``terms`` at ``widths`` (default: every family at its full size)."""
+    widths = widths or sizes
+    return sum(float(fn(widths.get(a), widths.get(b))) for a, b, fn in terms)
+
+
+def select_to_budget(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Masks and the selection record of a budgeted selection on ``run``
+    (:class:`nn.methods.Run`) from ``method``'s ``scores`` (module docstring)."""
+    from nn.complexity import layer_macs
+
+    cfg = run.config.selection
+    budget = Budget.parse(cfg.budget)
+    fams = list(run.pruned)
+    names = {f.name for f in fams}
+    sizes = {f.name: f.size for f in fams}
+    block_carriers = carriers(run.structures, names) if cfg.remove_blocks else {}
+    inside = _inside(run.structures, names, block_carriers)
+    if budget.kind == "latency":
+        from nn.latency_budget import latency_terms
+
+        terms, constant, table_info = latency_terms(run, sizes, block_carriers)
+    else:
+        lm = layer_macs(run.model, run.input_size)
+        terms, constant, table_info = count_terms(
+            tensor_costs(run.model, run.structures, lm), budget.kind, sizes,
+            block_carriers), 0.0, None
+    dense_cost = total(terms, sizes) + constant
+    limit = budget.absolute(dense_cost)
+    problem = build_problem(fams, scores, terms, limit, constant, cfg.granularity,
+                            block_carriers, inside)
+    try:
+        from mipprune.select import SelectionProblem, greedy, solve_selection
+    except ImportError as e:
+        raise RuntimeError(f"--budget needs the OR layer's solver (pyomo and highspy: pip "
+                           f"install pyomo highspy): {e}") from None
+    sp = SelectionProblem.from_json(problem)
+    res = solve_selection(sp)
+    if res.status == "infeasible" or res.widths is None:
+        smallest = {f["name"]: min(f["widths"]) for f in problem["families"]}
+        floor = total(terms, sizes, smallest) + constant
+        raise ValueError(f"budget {budget} ({limit:.6g}) cannot be met: the smallest network "
+                         f"the selection allows costs {floor:.6g} ({floor / dense_cost:.3f} of "
+                         f"dense); allow more (--granularity, --remove-blocks) or raise it")
+    heuristic = greedy(sp)
+    masks = widths_to_masks(fams, scores, res.widths, block_carriers)
+    rec = {"rule": "budget", "budget": str(budget), "cost_kind": budget.kind,
+           "budget_abs": limit, "dense_cost": dense_cost, "cost_predicted": res.cost,
+           "cost_ratio_predicted": res.cost / dense_cost, "value": res.value,
+           "status": res.status, "gap": res.gap, "solver_seconds": res.seconds,
+           "greedy": {"value": heuristic.value, "cost": heuristic.cost,
+                      "status": heuristic.status},
+           "granularity": cfg.granularity, "remove_blocks": cfg.remove_blocks,
+           "score": method.score_name(run), "widths": dict(res.widths),
+           "blocks_removed": sorted(b for b, c in block_carriers.items() if res.widths[c] == 0),
+           "removed": {n: int((~m).sum()) for n, m in masks.items()}}
+    if table_info is not None:
+        rec["latency_table"] = table_info
+    rec["summary"] = (
+        f"budget {budget}: {budget.kind} {res.cost:.6g} of {limit:.6g} allowed "
+        f"({res.cost / dense_cost:.3f} of dense), MILP {res.status} (gap {res.gap:.1e}), "
+        f"score {rec['score']}, granularity {cfg.granularity}, "
+        f"{len(rec['blocks_removed'])} blocks removed; greedy would keep value "
+        f"{heuristic.value:.4g} vs {res.value:.4g}")
+    return masks, rec
