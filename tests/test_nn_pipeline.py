@@ -344,6 +344,13 @@ def test_every_default_has_one_home_and_help_prints_it_once(capsys):
     ["train", "--cost", "macs=x"], ["train", "--cost", "basis=both"],
     ["train", "--beta", "0.5", "--cost", "macs=1"], ["train", "--method", "l1-filter",
                                                      "--cost", "macs=1"],
+    ["train", "--mac-target", "0.5"],  # spr selects by bisection: the target would be ignored
+    ["train", "--method", "l1-filter", "--tolerance", "1"],
+    ["train", "--budget", "macs=0.5", "--select", "bisection"], ["train", "--granularity", "8"],
+    ["train", "--remove-blocks"], ["train", "--budget", "flops=0.5"],
+    ["train", "--budget", "macs=2"], ["train", "--method", "dense", "--budget", "macs=0.5"],
+    ["train", "--method", "variational", "--budget", "macs=0.5"],
+    ["train", "--budget", "macs=0.5", "--mac-target", "0.5"],
 ])
 def test_cli_bad_arguments_one_line_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -436,3 +443,32 @@ def test_a_new_method_is_one_class_and_one_registration(tmp_path, monkeypatch):
     sel = report["selection"]
     assert sel["rule"] == "mac-target" and sel["score"] == "L2" and sel["target_reached"]
     assert report["complexity"]["pruned"]["macs"] <= 0.6 * report["complexity"]["dense"]["macs"]
+
+
+def test_weights_start_the_run_and_must_fit_the_model(tmp_path):
+    start = build_model("resnet20", 4, 3, 0.25)
+    with torch.no_grad():
+        for p in start.parameters():
+            p.mul_(0.5)
+    torch.save(start.state_dict(), tmp_path / "start.pt")
+    cfg = tiny(tmp_path, "dense", optim={"epochs": 1, "lr": 1e-9},
+               runtime={"latency_batches": ()})
+    cfg = RunConfig(**{**cfg.__dict__, "model": {"name": "resnet20", "width": 0.25,
+                                                 "weights": str(tmp_path / "start.pt")}})
+    run_pipeline(cfg)  # lr 1e-9: the trained weights are the start's (BN statistics aside)
+    ck = torch.load(tmp_path / "dense" / "train" / "checkpoint.pt", weights_only=True)
+    w = ck["model"]["layer2.0.conv1.weight"]
+    torch.testing.assert_close(w, start.state_dict()["layer2.0.conv1.weight"], rtol=0,
+                               atol=1e-6)
+    wide = build_model("resnet20", 4, 3, 0.5)
+    torch.save({"state_dict": wide.state_dict()}, tmp_path / "wide.pt")
+    bad = RunConfig(**{**cfg.__dict__, "model": {"name": "resnet20", "width": 0.25,
+                                                 "weights": str(tmp_path / "wide.pt")},
+                       "runtime": {**cfg.runtime.__dict__, "out": str(tmp_path / "x")}})
+    with pytest.raises(ConfigError, match="conv1.weight has shape"):
+        run_pipeline(bad)
+    (tmp_path / "text.pt").write_text("not weights")
+    bad = RunConfig(**{**bad.__dict__, "model": {"name": "resnet20", "width": 0.25,
+                                                 "weights": str(tmp_path / "text.pt")}})
+    with pytest.raises(ConfigError, match="not a weights file"):
+        run_pipeline(bad)
