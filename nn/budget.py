@@ -309,7 +309,8 @@ def select_to_budget(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict
         rec["latency_table"] = table_info
     rec["summary"] = (
         f"budget {budget}: {budget.kind} {res.cost:.6g} of {limit:.6g} allowed "
-        f"({res.cost / dense_cost:.3f} of dense), MILP {res.status} (gap {res.gap:.1e}), "
+        f"({res.cost / dense_cost:.3f} of dense), MILP {res.status} (gap "
+        f"{'unknown' if res.gap is None else format(res.gap, '.1e')}), "
         f"score {rec['score']}, granularity {cfg.granularity}, "
         f"{len(rec['blocks_removed'])} blocks removed; greedy would keep value "
         f"{heuristic.value:.4g} vs {res.value:.4g}")

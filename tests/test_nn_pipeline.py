@@ -472,3 +472,26 @@ def test_weights_start_the_run_and_must_fit_the_model(tmp_path):
                                                  "weights": str(tmp_path / "text.pt")}})
     with pytest.raises(ConfigError, match="not a weights file"):
         run_pipeline(bad)
+
+
+@pytest.mark.parametrize("method,budget,extra", [
+    ("spr", "macs=0.5", {"granularity": 2, "remove_blocks": True}),
+    ("l1-filter", "params=0.6", {}), ("random", "macs=0.3", {"remove_blocks": True}),
+])
+def test_a_stated_budget_is_met_exactly(tmp_path, method, budget, extra):
+    """The MILP's predicted cost is the counted cost of the saved model, within the budget and
+    close to it (scores are non-negative, so the optimum spends what it may)."""
+    cfg = tiny(tmp_path, method)
+    cfg = RunConfig(**{**cfg.__dict__, "selection": {**cfg.selection.__dict__, "budget": budget,
+                                                      **extra}})
+    report = run_pipeline(cfg)
+    sel, c = report["selection"], report["complexity"]
+    kind, frac = budget.split("=")
+    assert sel["rule"] == "budget" and sel["status"] == "optimal" and sel["gap"] <= 1e-6
+    assert c["pruned"][kind] == pytest.approx(sel["cost_predicted"], rel=1e-9)
+    assert 0.9 * float(frac) <= c[f"{kind}_ratio"] <= float(frac) + 1e-12
+    assert sel["greedy"]["value"] <= sel["value"] + 1e-9
+    if extra.get("granularity"):  # family sizes here are 4, 8, 16: every candidate is even
+        assert all(w % 2 == 0 for w in sel["widths"].values())
+    blocks = [b for b in report["blocks"] if b["branch"] == "removed"]
+    assert len(blocks) == len(sel["blocks_removed"])
