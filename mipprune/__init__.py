@@ -7,9 +7,10 @@ the solvers load on first use.  This package never imports torch.
 Modules, one concept each: ``penalty`` (the closed-form SPR), ``instance`` (the data of (P)),
 ``models`` (Pyomo models), ``highs`` (everything that talks to HiGHS), ``bounds`` (root big-M
 and perspective bounds), ``enumerate`` (the optimum by enumerating z), ``relax`` (node
-relaxations), ``bnb`` (branch and bound), ``scip`` (the optional external peer), ``validate``
-and ``cli``.  Once loaded, the submodule ``mipprune.enumerate`` is a global of this file: do
-not call the builtin ``enumerate`` here.
+relaxations), ``bnb`` (branch and bound), ``scip`` (the optional external peer), ``select``
+(width selection under a budget: the MILP, brute force, greedy), ``validate`` and ``cli``.
+Once loaded, the submodule ``mipprune.enumerate`` is a global of this file: do not call the
+builtin ``enumerate`` here.
 """
 
 from importlib import import_module
@@ -31,6 +32,14 @@ _LAZY = {
     "solve_fixed_z": "enumerate",
     "scip_solve": "scip",
     "validate": "validate",
+    "SelectionProblem": "select",
+    "SelectionResult": "select",
+    "solve_selection": "select",
+    "solve_selection_pyomo": "select",
+    "brute_force": "select",
+    "greedy": "select",
+    "random_selection": "select",
+    "resnet_selection": "select",
 }
 
 __all__ = [

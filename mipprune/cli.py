@@ -1,4 +1,4 @@
-"""The ``mipprune`` command line: penalty, solve, validate, generate.
+"""The ``mipprune`` command line: penalty, solve, validate, generate, select.
 
 Bad arguments or a malformed instance file give a one-line error and exit status 2;
 ``validate`` exits 1 when any check is violated.
@@ -99,6 +99,15 @@ def _parser():
     g.add_argument("--kind", choices=("least_squares", "quadratic"), default="least_squares")
     g.add_argument("--ridge", type=_float("--ridge", 0), default=0.1)
     g.add_argument("--seed", type=_int("--seed", 0), default=0)
+
+    c = sub.add_parser("select", help="choose one width per family under a cost budget (MILP, HiGHS)")
+    c.add_argument("problem", help='JSON file ("-" reads stdin): {"families", "unary", "pairwise", '
+                   '"constant", "budget"}')
+    c.add_argument("--time-limit", type=_float("--time-limit", 0), default=None,
+                   help="seconds for the whole solve (default: none)")
+    c.add_argument("--gap", type=_float("--gap", 0), default=1e-6,
+                   help="relative gap at which HiGHS stops (default 1e-6)")
+    c.add_argument("--json", action="store_true")
     return p
 
 
@@ -176,10 +185,57 @@ def _generate(args):
     return 0
 
 
+def _read_json(path):
+    """The JSON document in ``path`` ("-": stdin); ValueError (one line) when unreadable."""
+    where = "stdin" if path == "-" else f"file {path}"
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read {where}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where} is not text (JSON expected): {exc.reason}") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply") from None
+
+
+def _select(args):
+    from .select import SelectionProblem, solve_selection
+
+    problem = SelectionProblem.from_json(_read_json(args.problem))
+    r = solve_selection(problem, time_limit=args.time_limit, gap=args.gap)
+    if args.json:
+        print(json.dumps(r.to_json(), allow_nan=False))
+        return 0
+    n = len(problem.families)
+    if r.status == "infeasible":
+        print(f"infeasible: no choice of widths fits the budget {problem.budget:.10g} "
+              f"({n} families, {r.seconds:.3f} s)")
+        return 0
+    if not r.found:
+        print(f"time limit: no feasible choice found within {args.time_limit:g} s "
+              f"({n} families, {r.seconds:.3f} s)")
+        return 0
+    gap = "unknown" if r.gap is None else f"{r.gap:.2e}"
+    print(f"{r.status}: value {r.value:.10g}, cost {r.cost:.10g} <= budget {problem.budget:.10g}")
+    print(f"gap {gap}   {r.seconds:.3f} s   {n} families")
+    wide = max(len(name) for name in r.widths)
+    for f in problem.families:
+        print(f"  {f.name:<{wide}}  {r.widths[f.name]:>5} of {int(f.widths.max())}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     handler = {"penalty": _penalty, "solve": _solve, "validate": _validate,
-               "generate": _generate}[args.command]
+               "generate": _generate, "select": _select}[args.command]
     try:
         return handler(args)
     except ValueError as exc:
