@@ -268,7 +268,7 @@ def select_to_budget(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict
     block_carriers = carriers(run.structures, names) if cfg.remove_blocks else {}
     inside = _inside(run.structures, names, block_carriers)
     if budget.kind == "latency":
-        from nn.latency_budget import latency_terms
+        from nn.budget_latency import latency_terms
 
         terms, constant, table_info = latency_terms(run, sizes, block_carriers)
     else:
@@ -277,6 +277,8 @@ def select_to_budget(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict
             tensor_costs(run.model, run.structures, lm), budget.kind, sizes,
             block_carriers), 0.0, None
     dense_cost = total(terms, sizes) + constant
+    if table_info and table_info.get("dense_measured_ms"):  # latency: a share of the measured
+        dense_cost = table_info["dense_measured_ms"]
     limit = budget.absolute(dense_cost)
     problem = build_problem(fams, scores, terms, limit, constant, cfg.granularity,
                             block_carriers, inside)
