@@ -23,6 +23,7 @@ import math
 import sys
 
 from nn.cost import CostConfig, parse_cost
+from nn.latency.cli import add_latency_parser, run_latency_table
 from nn.methods import METHODS, get_method
 
 __all__ = ["main", "QUICK", "OPTIONS", "build_parser", "config_from_args"]
@@ -283,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         if kw.get("action") is None and "choices" not in kw:
             kw = kw | {"metavar": flag.lstrip("-").upper().replace("-", "_")}
         t.add_argument(flag, dest=flag, **(kw | {"help": help_text or None}))
+    add_latency_parser(sub)
     return p
 
 
@@ -342,6 +344,8 @@ def config_from_args(ns: argparse.Namespace):
 def main(argv=None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    if ns.command == "latency-table":
+        return run_latency_table(ns, parser)
     try:
         cfg = config_from_args(ns)
     except ValueError as e:
