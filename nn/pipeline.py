@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nn.complexity import count_macs, count_params, measure_latency
+from nn.complexity import count_macs, count_params
 from nn.config import ConfigError, RunConfig, RuntimeConfig
 from nn.data import load_dataset, make_loader
 from nn.evaluation import evaluate
@@ -87,6 +87,24 @@ def _prepare(cfg: RunConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json(saved, cfg.to_dict())
     return {stage: (out / marker).exists() for stage, marker in _MARKERS.items()}
+
+
+def _latency(dense, pruned, input_size, device, rt: RuntimeConfig) -> dict:
+    """Per batch of ``rt.latency_batches``: the median latency of the dense and the pruned
+    network in their inference form (BN folded), timed together round by round with rounds
+    disturbed by other processes skipped (:func:`nn.latency.measure_networks`)."""
+    from nn.latency import inference_form, measure_networks
+
+    nets = [inference_form(compress(dense, {})), inference_form(pruned)]
+    out = {}
+    for b in rt.latency_batches:
+        ms, res = measure_networks(nets, input_size, b, device, "float32", rt.threads,
+                                   rt.latency_repeats, progress=rt.progress)
+        where = {"device": str(device), "threads": rt.threads or torch.get_num_threads()}
+        out[str(b)] = {"dense": {"median_ms": ms[0], **where},
+                       "pruned": {"median_ms": ms[1], **where}, "rounds": res["rounds"],
+                       "quiet_rounds": res["quiet_rounds"], "disturbed": res["disturbed"]}
+    return out
 
 
 def run_pipeline(cfg: RunConfig) -> dict | None:
@@ -222,12 +240,7 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device):
            "test_final": final, "test_reloaded": evaluate(reloaded, full_test)}
     acc["reload_matches"] = acc["test_reloaded"] == acc["test_final"]
     small = {"macs": count_macs(reloaded, input_size), "params": count_params(reloaded)}
-    rt = cfg.runtime
-    latency = {str(b): {"dense": measure_latency(model, input_size, b, device,
-                                                 repeats=rt.latency_repeats),
-                        "pruned": measure_latency(reloaded, input_size, b, device,
-                                                  repeats=rt.latency_repeats)}
-               for b in rt.latency_batches}
+    latency = _latency(model, reloaded, input_size, device, cfg.runtime)
     timing = {s: stages[s].get("seconds", 0.0) for s in ("train", "select", "finetune")}
     report = R.build_report(cfg, bundle=bundle, input_size=input_size, dense_model=model,
                             pruned_spec=reloaded.spec,

@@ -76,7 +76,9 @@ def build_report(cfg, *, bundle, input_size, dense_model, pruned_spec, section, 
     for b, d in latency.items():
         dm, pm = d["dense"]["median_ms"], d["pruned"]["median_ms"]
         lat[b] = {"dense_ms": dm, "pruned_ms": pm, "speedup": dm / pm if pm > 0 else None,
-                  "dense": d["dense"], "pruned": d["pruned"]}
+                  "dense": d["dense"], "pruned": d["pruned"],
+                  "quiet_rounds": d.get("quiet_rounds"), "rounds": d.get("rounds"),
+                  "disturbed": d.get("disturbed")}
     any_lat = next(iter(latency.values()), {"dense": {}})["dense"]
     blocks = block_summary(dense_model, pruned_spec)
     return {
@@ -95,8 +97,10 @@ def build_report(cfg, *, bundle, input_size, dense_model, pruned_spec, section, 
                        "counted_on": "the saved pruned model, reloaded (count_macs, "
                                      "count_params); MACs of one input"},
         "latency": {"device": any_lat.get("device"), "threads": any_lat.get("threads"),
-                    "what": "median ms of one forward pass (measure_latency: eval, "
-                            "inference_mode, warm-up excluded)", "batches": lat},
+                    "what": "median ms of one forward pass of the inference form (BN folded), "
+                            "dense and pruned timed together round by round, warm-up "
+                            "excluded, rounds with other processes busy skipped "
+                            "(nn.latency.measure_networks)", "batches": lat},
         "layers": layer_widths(dense_model, pruned_spec),
         "blocks": blocks,
         "blocks_kept": sum(b["branch"] == "convs" for b in blocks),
@@ -133,10 +137,13 @@ def format_table(report: dict) -> str:
     lat = report["latency"]
     for b, d in lat["batches"].items():
         lines.append(f"{f'latency ms, batch {b}':24}{d['dense_ms']:>14.3f}{d['pruned_ms']:>14.3f}"
-                     f"{d['pruned_ms'] / d['dense_ms']:>14.3f}")
+                     f"{d['pruned_ms'] / d['dense_ms']:>14.3f}   speed-up {d['speedup']:.2f}x")
     if lat["batches"]:
-        lines.append(f"  (latency: median of {cfg['runtime']['latency_repeats']} runs on {lat['device']}, "
-                     f"{lat['threads']} threads)")
+        busy = [b for b, d in lat["batches"].items() if d.get("disturbed")]
+        lines.append(f"  (latency: BN folded, median of {cfg['runtime']['latency_repeats']} "
+                     f"rounds on {lat['device']}, {lat['threads']} threads"
+                     + (f"; DISTURBED by other processes at batch {', '.join(busy)}: not a "
+                        f"quiet measurement" if busy else "") + ")")
     lines.append(f"test accuracy: before pruning {percent(a['test_before_pruning'])} | after pruning "
                  f"{percent(a['test_after_pruning'])} | after fine-tune "
                  f"{percent(a['test_after_finetune'])} | saved model reloaded "
