@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn as tnn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from nn.latency.timing import busy_ticks
 from nn.models import Family
 
 __all__ = ["VARIANTS", "interleaved_rounds", "interleaved_ms", "clean_rounds", "kept_rounds",
@@ -47,16 +48,6 @@ def _sync_for(device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
-
-
-def _busy_ticks() -> int | None:
-    """Busy CPU time of the whole machine in clock ticks (Linux ``/proc/stat``), else None."""
-    try:
-        with open("/proc/stat", encoding="ascii") as fh:
-            f = [int(v) for v in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return sum(f) - f[3] - (f[4] if len(f) > 4 else 0)  # minus idle and iowait
 
 
 def _own_seconds() -> float:
@@ -92,14 +83,14 @@ def interleaved_rounds(fns: Mapping[str, Callable[[], object]], repeats: int, wa
     foreign: list[float | None] = []
     for r in range(repeats):
         k = r % len(names)
-        b0, o0, w0 = _busy_ticks(), _own_seconds(), time.perf_counter()
+        b0, o0, w0 = busy_ticks(), _own_seconds(), time.perf_counter()
         for n in names[k:] + names[:k]:
             sync()
             t0 = time.perf_counter()
             fns[n]()
             sync()
             out[n].append((time.perf_counter() - t0) * 1e3)
-        b1, o1, w1 = _busy_ticks(), _own_seconds(), time.perf_counter()
+        b1, o1, w1 = busy_ticks(), _own_seconds(), time.perf_counter()
         if b0 is None or b1 is None:
             foreign.append(None)
         else:

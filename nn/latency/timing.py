@@ -30,7 +30,7 @@ import torch
 from nn.checks import integer, number
 from nn.latency.allocator import steady_allocator
 
-__all__ = ["timing_settings", "spare_cores", "timed_rounds", "load_average"]
+__all__ = ["timing_settings", "spare_cores", "timed_rounds", "load_average", "busy_ticks"]
 
 
 @contextmanager
@@ -63,7 +63,7 @@ def load_average() -> list[float] | None:
         return None
 
 
-def _busy_ticks() -> int | None:
+def busy_ticks() -> int | None:
     """Busy CPU time of the whole machine in clock ticks (Linux ``/proc/stat``), else None."""
     try:
         with open("/proc/stat", encoding="ascii") as fh:
@@ -83,13 +83,13 @@ class _Foreign:
 
     def start(self) -> None:
         t = os.times()
-        self.b0, self.o0, self.w0 = _busy_ticks(), t.user + t.system, time.perf_counter()
+        self.b0, self.o0, self.w0 = busy_ticks(), t.user + t.system, time.perf_counter()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.w0
 
     def cores(self) -> float | None:
-        b1, t, w1 = _busy_ticks(), os.times(), time.perf_counter()
+        b1, t, w1 = busy_ticks(), os.times(), time.perf_counter()
         if self.b0 is None or b1 is None:
             return None
         other = (b1 - self.b0) / self.hz - (t.user + t.system - self.o0)
