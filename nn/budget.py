@@ -282,17 +282,19 @@ def select_to_budget(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict
     limit = budget.absolute(dense_cost)
     problem = build_problem(fams, scores, terms, limit, constant, cfg.granularity,
                             block_carriers, inside)
+    from nn.config import ConfigError
+
     try:
         from mipprune.select import SelectionProblem, greedy, solve_selection
     except ImportError as e:
-        raise RuntimeError(f"--budget needs the OR layer's solver (pyomo and highspy: pip "
+        raise ConfigError(f"--budget needs the OR layer's solver (pyomo and highspy: pip "
                            f"install pyomo highspy): {e}") from None
     sp = SelectionProblem.from_json(problem)
     res = solve_selection(sp)
     if res.status == "infeasible" or res.widths is None:
         smallest = {f["name"]: min(f["widths"]) for f in problem["families"]}
         floor = total(terms, sizes, smallest) + constant
-        raise ValueError(f"budget {budget} ({limit:.6g}) cannot be met: the smallest network "
+        raise ConfigError(f"budget {budget} ({limit:.6g}) cannot be met: the smallest network "
                          f"the selection allows costs {floor:.6g} ({floor / dense_cost:.3f} of "
                          f"dense); allow more (--granularity, --remove-blocks) or raise it")
     heuristic = greedy(sp)

@@ -495,3 +495,16 @@ def test_a_stated_budget_is_met_exactly(tmp_path, method, budget, extra):
         assert all(w % 2 == 0 for w in sel["widths"].values())
     blocks = [b for b in report["blocks"] if b["branch"] == "removed"]
     assert len(blocks) == len(sel["blocks_removed"])
+
+
+def test_a_budget_that_cannot_be_met_is_one_line_and_exit_2(tmp_path, capsys):
+    argv = ["train", "--method", "l1-filter", "--model", "resnet20", "--width", "0.25",
+            "--data", "synthetic", "--synthetic", "n_train=64,n_test=32,image_size=8,num_classes=4",
+            "--epochs", "1", "--finetune-epochs", "0", "--batch-size", "32", "--budget",
+            "macs=0.05", "--granularity", "4", "--latency-batches", "", "--no-progress",
+            "--device", "cpu", "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "cannot be met" in err and "smallest network" in err
