@@ -1,5 +1,6 @@
-"""The latency cost of a budgeted selection (:mod:`nn.budget`): the latency table of the run's
-dense model on its device, and the terms it gives over the pruned families' widths.
+"""The latency cost of a run: the latency table of its dense model on its device, the terms it
+gives a budgeted selection (:mod:`nn.budget`) over the pruned families' widths, and each
+structure's marginal latency (the ``latency`` weight of :class:`nn.cost.CostConfig`).
 
 A timed unit (:class:`nn.latency.Layer`) costs ``scale * table(layer, w_in, w_out)``, zero when
 its block is removed; the table's fitted constant is the cost of what no unit covers.  The
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["latency_table_for", "latency_terms"]
+__all__ = ["latency_table_for", "latency_terms", "marginal_latency", "latency_cost"]
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +82,46 @@ def latency_terms(run, sizes: dict[str, int], block_carriers: dict[str, str]):
             "fit_median_abs_error": fit.get("median_abs_error"),
             "dense_measured_ms": dense[0] if dense else None}
     return terms, table.constant_ms, info
+
+
+def marginal_latency(table, layers, families) -> dict[str, float]:
+    """Milliseconds one structure of each family saves at the dense widths, from ``table``
+    (the cost model's ``lat_j``): for a channel family, the slope of its units' latency over
+    the last grid step below its dense width (a family no wider than the grid step: its units'
+    latency shared equally by its channels); for a block, all of its units.  Never negative:
+    where timing noise (or the library's kernels) make the narrower layer no faster, removing
+    a channel saves nothing."""
+    from nn.latency import candidate_widths
+
+    out = {}
+    for f in families:
+        if f.kind == "block":
+            out[f.name] = table.scale * sum(table.lookup(ly, ly.in_channels, ly.out_channels)
+                                            for ly in layers if ly.block == f.name)
+            continue
+        touching = [ly for ly in layers if f.name in (ly.in_family, ly.out_family)]
+        grid = candidate_widths(f.size, table.granularity)
+        lower = grid[-2] if len(grid) > 1 else 0
+        total = 0.0
+        for ly in touching:
+            full = table.lookup(ly, ly.in_channels, ly.out_channels)
+            if lower == 0:
+                total += full / f.size
+                continue
+            in_w = lower if ly.in_family == f.name else ly.in_channels
+            out_w = lower if ly.out_family == f.name else ly.out_channels
+            total += (full - table.lookup(ly, in_w, out_w)) / (f.size - lower)
+        out[f.name] = max(0.0, table.scale * total)
+    return out
+
+
+def latency_cost(run) -> dict:
+    """``{"marginal": {family: ms per structure}, "dense_ms": predicted dense latency}`` of
+    ``run``'s model from its latency table: what a ``latency`` cost weight reads
+    (:func:`nn.cost.structure_costs`, the variational pruner's cost)."""
+    from nn.latency import network_layers, predict
+
+    table = latency_table_for(run)
+    layers = network_layers(run.model, run.input_size)
+    return {"marginal": marginal_latency(table, layers, run.structures),
+            "dense_ms": predict(table, layers)}

@@ -80,8 +80,9 @@ def _count_or_all(name):
 def _cost(text):
     """``key=value`` items (:func:`nn.cost.parse_cost`; only the keys given), or an old
     spelling: ``params``, ``macs`` or a MAC share in [0, 1] (the rest on parameters)."""
-    if text in ("params", "macs"):
-        return {"macs": float(text == "macs"), "params": float(text == "params")}
+    if text in ("params", "macs", "latency"):
+        return {"macs": float(text == "macs"), "params": float(text == "params"),
+                "latency": float(text == "latency")}
     if "=" not in text:
         share = _num("--cost", float, 0, hi=1)(text)
         return {"macs": share, "params": 1 - share}
@@ -153,9 +154,10 @@ OPTIONS = {
     "--structures": ("method", "structures", dict(
         choices=("filter", "stream", "filter+stream"), help="what is pruned and regularised")),
     "--cost": ("method", "cost", dict(type=_cost, help="price of a structure (spr, bigm, "
-               "variational): weights of macs, params, blocks and the basis saved|own, e.g. "
+               "variational): weights of macs, params, blocks, latency (a structure's marginal "
+               "latency from the latency table) and the basis saved|own, e.g. "
                "macs=0.5,params=0.5,blocks=0,basis=saved (basis own, params=1, macs=0: the SPR "
-               "authors' own-parameter weighting)")),
+               "authors' own-parameter weighting; 'latency': latency=1 alone)")),
     "--beta": ("method", "cost", dict(type=_num("--beta", float, 0, hi=1), help="old spelling: "
                "--cost params=B,macs=1-B")),
     "--gamma": ("method", "cost", dict(type=_num("--gamma", float, 0),

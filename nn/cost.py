@@ -4,9 +4,13 @@ A run states its price of size once, as weights on three normalised costs
 (:class:`CostConfig`)::
 
     cost_j = macs * MACs_j / MACs0 + params * params_j / params0 + blocks * blocks_j / B
+             + latency * lat_j / lat0
 
 ``MACs0``, ``params0``: the dense model's totals; ``B``: its removable blocks (``blocks_j`` is
-1 for a whole-block structure, 0 otherwise).  SPR's per-group weight is ``n_j / N := cost_j``
+1 for a whole-block structure, 0 otherwise); ``lat_j``: the structure's marginal latency from
+the run's latency table (:func:`nn.budget_latency.marginal_latency`: what removing one channel
+of its family saves at the dense widths, or a whole block's units), ``lat0`` the dense
+network's latency.  SPR's per-group weight is ``n_j / N := cost_j``
 (``a_j = lam alpha cost_j``, ``b_j = lam (1 - alpha) cost_j``, :mod:`nn.regularizer`); the
 variational pruner's price is the same weighted sum of *expected* costs under its gates
 (:mod:`nn.methods.variational.cost`).  A structure's ``MACs_j``/``params_j`` count, by ``basis``:
@@ -18,8 +22,8 @@ variational pruner's price is the same weighted sum of *expected* costs under it
             ``own`` basis is the SPR authors' weighting, ``n_j`` = the group's own
             parameters).
 
-The next cost, measured latency, goes here too: a table of per-layer timings keyed by device,
-threads, dtype, batch and torch version, read by the same weights.
+Latency is the measured cost: its table (:mod:`nn.latency`) is keyed by device, threads,
+dtype, batch and torch version, and is read only when the ``latency`` weight is not 0.
 """
 
 from __future__ import annotations
@@ -46,9 +50,10 @@ class CostConfig:
     params: float = 0.5
     blocks: float = 0.0
     basis: str = "saved"
+    latency: float = 0.0
 
     def __post_init__(self):
-        for name in ("macs", "params", "blocks"):
+        for name in ("macs", "params", "blocks", "latency"):
             number(f"cost weight {name}", getattr(self, name), 0)
         choice("cost basis", self.basis, BASES)
 
@@ -56,8 +61,11 @@ class CostConfig:
         return asdict(self)
 
     def formula(self) -> str:
-        return (f"{self.macs:g} MACs_j/MACs0 + {self.params:g} params_j/params0 + "
-                f"{self.blocks:g} blocks_j/B ({self.basis} counts)")
+        text = (f"{self.macs:g} MACs_j/MACs0 + {self.params:g} params_j/params0 + "
+                f"{self.blocks:g} blocks_j/B")
+        if self.latency:
+            text += f" + {self.latency:g} lat_j/lat0"
+        return text + f" ({self.basis} counts)"
 
 
 def parse_cost(text: str) -> dict:
@@ -67,9 +75,9 @@ def parse_cost(text: str) -> dict:
     out = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, eq, value = item.partition("=")
-        if key not in ("macs", "params", "blocks", "basis") or not eq or not value:
+        if key not in ("macs", "params", "blocks", "basis", "latency") or not eq or not value:
             raise ValueError(f"--cost takes key=value items with keys macs, params, blocks, "
-                             f"basis; got {item!r}")
+                             f"latency, basis; got {item!r}")
         try:
             out[key] = value if key == "basis" else float(value)
         except ValueError:
@@ -89,11 +97,15 @@ def piece_cost(shape: torch.Size, dim: int | None, layer_macs: int) -> tuple[int
     return n // shape[dim], layer_macs // shape[dim]
 
 
-def structure_costs(families, cost: CostConfig, totals: dict) -> dict[str, torch.Tensor]:
+def structure_costs(families, cost: CostConfig, totals: dict,
+                    latency: dict | None = None) -> dict[str, torch.Tensor]:
     """``cost_j`` (module docstring) of every structure of ``families``: float64 tensors of
     shape ``(size,)``.  ``totals``: the dense model's ``macs`` and ``params`` and ``blocks``
     (its removable blocks).  Reads ``Family.params``/``Family.macs`` (basis ``saved``) or
-    ``Family.own_params``/``Family.own_macs`` (basis ``own``)."""
+    ``Family.own_params``/``Family.own_macs`` (basis ``own``); with a latency weight,
+    ``latency`` = ``{"marginal": {family: ms per structure}, "dense_ms": ms}``."""
+    if cost.latency and latency is None:
+        raise ValueError("a latency cost needs the marginal latencies of the latency table")
     own = cost.basis == "own"
     out = {}
     for f in families:
@@ -104,5 +116,8 @@ def structure_costs(families, cost: CostConfig, totals: dict) -> dict[str, torch
         share = cost.params * p / totals["params"] + cost.macs * m / max(totals["macs"], 1)
         if cost.blocks and f.kind == "block":
             share = share + cost.blocks / max(totals["blocks"], 1)
+        if cost.latency:
+            share = share + cost.latency * latency["marginal"].get(f.name, 0.0) \
+                / latency["dense_ms"]
         out[f.name] = share
     return out

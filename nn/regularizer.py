@@ -119,14 +119,16 @@ def _reference_state(reference, model: tnn.Module) -> Mapping:
 class SPRRegularizer:
     """The SPR (or big-M) penalty of a model's structures, as a loss term.
 
-    ``reg = SPRRegularizer(model, SPRConfig(lam=...), input_size=(3, 32, 32), reference=None)``;
+    ``reg = SPRRegularizer(model, SPRConfig(lam=...), input_size=(3, 32, 32), reference=None)``
+    (``latency``: the marginal latencies a ``latency`` cost weight reads,
+    :func:`nn.budget_latency.latency_cost`);
     ``loss = ce + reg()`` in the training loop, then ``reg.project_()`` after the step.  Groups
     of equal width are concatenated across families and evaluated in one call each.  ``reg()``
     reads the model's current parameters by name (the model may move between devices).
     """
 
     def __init__(self, model: tnn.Module, config: SPRConfig, input_size=(3, 32, 32),
-                 reference=None):
+                 reference=None, latency: dict | None = None):
         if not isinstance(config, SPRConfig):
             raise ValueError(f"config must be an SPRConfig, got {type(config).__name__}")
         self.model, self.config = model, config
@@ -137,7 +139,7 @@ class SPRRegularizer:
             raise ValueError(f"model has no structures of kinds {config.kinds}")
         totals = {"params": count_params(model), "macs": sum(lm.values()) if lm else 1,
                   "blocks": sum(f.kind == "block" for f in every)}
-        self.cost = structure_costs(self.families, config.cost, totals)
+        self.cost = structure_costs(self.families, config.cost, totals, latency)
         ref = _reference_state(reference, model)
         self.a, self.b, self.M = {}, {}, {}
         for f in self.families:

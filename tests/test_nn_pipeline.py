@@ -508,3 +508,30 @@ def test_a_budget_that_cannot_be_met_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert "cannot be met" in err and "smallest network" in err
+
+
+def test_latency_cost_and_latency_budget_end_to_end(tmp_path):
+    """SPR trained against the latency cost, then pruned to a latency budget: the latency table
+    is measured once (in a subprocess: timing switches the process's allocator), cached under
+    XDG_CACHE_HOME, and read again by the selection."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    argv = [sys.executable, "-m", "nn", "train", "--method", "spr", "--model", "resnet20",
+            "--width", "0.25", "--data", "synthetic", "--synthetic",
+            "n_train=64,n_test=32,image_size=8,num_classes=4", "--epochs", "1",
+            "--finetune-epochs", "0", "--batch-size", "32", "--cost", "latency",
+            "--budget", "latency=0.6", "--remove-blocks", "--granularity", "2",
+            "--latency-batches", "4", "--latency-repeats", "3", "--threads", "1",
+            "--no-progress", "--device", "cpu", "--out", str(tmp_path / "run")]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = strict_json(tmp_path / "run" / "report.json")
+    assert report["regularizer"]["cost"]["latency"] == 1.0
+    sel = report["selection"]
+    assert sel["rule"] == "budget" and sel["cost_kind"] == "latency"
+    assert sel["status"] == "optimal" and sel["cost_predicted"] <= sel["budget_abs"] + 1e-9
+    assert sel["latency_table"]["key"]["batch"] == 4
+    assert list((tmp_path / "cache" / "mipprune" / "latency").glob("*.json"))

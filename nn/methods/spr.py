@@ -62,8 +62,13 @@ class SPR(Method):
 
     def training(self, run):
         # built on the initial weights: M from them
+        latency = None
+        if run.config.method.cost.latency:
+            from nn.budget_latency import latency_cost
+
+            latency = latency_cost(run)
         reg = SPRRegularizer(run.model, self.spr_config(run.config), run.input_size,
-                             reference=run.config.method.options.reference)
+                             reference=run.config.method.options.reference, latency=latency)
 
         def cases(m, epoch):
             with torch.no_grad():

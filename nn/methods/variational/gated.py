@@ -80,7 +80,7 @@ class GatedResNet(tnn.Module):
                  cost: CostConfig | None = None, theta_init: float = 1.0,
                  estimator: str = DEFAULT_ESTIMATOR, baseline_decay: float = 0.9,
                  flip_units: int | None = DEFAULT_FLIP_UNITS,
-                 flip_blocks: int | None = DEFAULT_FLIP_BLOCKS):
+                 flip_blocks: int | None = DEFAULT_FLIP_BLOCKS, latency: dict | None = None):
         super().__init__()
         try:
             lay = layout(net)
@@ -132,6 +132,14 @@ class GatedResNet(tnn.Module):
         self.register_buffer("baseline", torch.zeros(()))
         self.register_buffer("baseline_set", torch.zeros((), dtype=torch.bool))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        if cost.latency and latency is None:
+            raise ValueError("a latency cost needs the marginal latencies of the latency "
+                             "table (nn.budget_latency.latency_cost)")
+        lat = torch.zeros(n, dtype=torch.float64)
+        if cost.latency:  # linear in theta: each gate's marginal latency over the dense one
+            for g in self.gates:
+                lat[g.slice] = latency["marginal"].get(g.name, 0.0) / latency["dense_ms"]
+        self.register_buffer("_latency", lat, persistent=False)
         full, idx, fam_of, fam_size = C.cost_table(net, self.families, self.gates, lmacs)
         self.register_buffer("_cost_full", full, persistent=False)
         self.register_buffer("_cost_idx", idx, persistent=False)
@@ -157,9 +165,15 @@ class GatedResNet(tnn.Module):
                           self.n_units)
 
     def cost(self, theta: torch.Tensor | None = None) -> torch.Tensor:
-        """``R(theta)`` (:mod:`.cost`), without ``lam``."""
-        return C.normalised(self.expected(theta), (self.cost_config.macs, self.cost_config.params,
-                             self.cost_config.blocks), self.dense_macs, self.dense_params, self.n_blocks)
+        """``R(theta)`` (:mod:`.cost`), without ``lam``; with a ``latency`` weight, plus that
+        weight times the gates' marginal latencies (linear in theta)."""
+        r = C.normalised(self.expected(theta), (self.cost_config.macs, self.cost_config.params,
+                         self.cost_config.blocks), self.dense_macs, self.dense_params,
+                         self.n_blocks)
+        if self.cost_config.latency:
+            th = (self.theta * self.alive) if theta is None else theta
+            r = r + self.cost_config.latency * (th.to(torch.float64) * self._latency).sum()
+        return r
 
     def penalty(self) -> torch.Tensor:
         """``lam * R`` of this step's theta (differentiable through the step's leaf): the

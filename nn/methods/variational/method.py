@@ -130,9 +130,15 @@ class Variational(Method):
             raise ConfigError("method variational needs --amp bf16 or off (fp16 loss scaling "
                               "would scale the gate gradients)")
         m, o = run.config.method, run.config.method.options
+        latency = None
+        if m.cost.latency:
+            from nn.budget_latency import latency_cost
+
+            latency = latency_cost(run)
         gated = GatedResNet(run.model, run.input_size, lam=m.lam, cost=m.cost,
                             theta_init=o.theta_init, estimator=o.estimator,
-                            flip_units=o.flip_units, flip_blocks=o.flip_blocks).to(run.device)
+                            flip_units=o.flip_units, flip_blocks=o.flip_blocks,
+                            latency=latency).to(run.device)
         return Training(gated, hooks(gated, o, run.steps_per_epoch), gated)
 
     def select(self, run, training):
