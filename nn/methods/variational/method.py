@@ -113,9 +113,6 @@ class Variational(Method):
     uses_cost = True
 
     def check(self, config):
-        if config.selection.budget:
-            raise ValueError("method variational decides its structures with its gates; a "
-                             "stated budget is not supported for it yet: drop --budget")
         if config.runtime.amp == "fp16":
             raise ValueError("method variational needs --amp bf16 or off (fp16 loss scaling "
                              "would scale the gate gradients)")
@@ -141,11 +138,45 @@ class Variational(Method):
                             latency=latency).to(run.device)
         return Training(gated, hooks(gated, o, run.steps_per_epoch), gated)
 
+    def score_name(self, run):
+        return "theta"
+
+    def scores(self, run, training):
+        """Every unit's keep probability (0 once dead), per pruned family."""
+        gated = training.module
+        th = (gated.theta * gated.alive).detach().double().cpu()
+        return {f.name: th[gated.by_name[f.name].slice] for f in run.pruned}
+
+    def _budgeted(self, run, training):
+        """A stated budget: the units kept by the OR layer's selection from the thetas
+        (:func:`nn.budget.select_to_budget`); a block whose gate died stays removed."""
+        from nn.budget import select_to_budget
+
+        gated = training.module
+        masks, sel = select_to_budget(run, self, self.scores(run, training))
+        with torch.no_grad():
+            keep = torch.cat([masks[g.name] if g.name in masks else gated.alive[g.slice].cpu()
+                              for g in gated.gates]).to(gated.alive.device)
+            keep[gated.n_units:] &= gated.alive[gated.n_units:]
+            gated.alive.copy_(keep)
+            for b, units in gated._block_units.items():  # a removed block's units go with it
+                if not bool(gated.alive[b]):
+                    gated.alive[units] = False
+            gated.theta.copy_(gated.alive.to(gated.theta.dtype))
+        return sel
+
     def select(self, run, training):
         """Every theta rounded to 0 or 1 (``GatedResNet.round_``; the rule and the counts
-        rounded each way go into the record), then the BN statistics of that deterministic
-        network recomputed on the calibration images."""
+        rounded each way go into the record) -- or, with a stated budget, the units the
+        budgeted selection keeps -- then the BN statistics of that deterministic network
+        recomputed on the calibration images."""
         gated = training.module
+        if run.config.selection.budget:
+            sel = self._budgeted(run, training)
+            masks = gated.deterministic_masks()
+            sel["bn_recalibration_batches"] = recalibrate_bn(gated, run.calibration())
+            sel["removed"] = {n: int((~k).sum()) for n, k in masks.items()}
+            return masks, sel
         before = gated.stats()
         info = gated.round_()
         masks = gated.deterministic_masks()
