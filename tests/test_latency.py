@@ -16,7 +16,7 @@ from torch import nn as tnn
 from helpers import random_bn_
 from nn import build_model, compress, prunable_structures
 from nn.cli import main
-from nn.latency import (Entry, LatencyKey, LatencyTable, Layer, build_unit, candidate_widths,
+from nn.latency import (Entry, LatencyTable, Layer, build_unit, candidate_widths,
                         current_key, default_path, fit_constant, fit_line, grid_of,
                         inference_form, layer_families, load_table, measure_table,
                         network_layers, pad_channels, predict, random_config, save_table,
