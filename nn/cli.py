@@ -12,6 +12,9 @@ another method.  Old spellings keep working: ``--cost params|macs|SHARE``, ``--b
 (params share B, MACs 1 - B), ``--gamma G`` (blocks weight G), ``--slimming-lambda X``
 (``--lam X``).  Bad arguments, an ``--out`` that already holds a run (without ``--resume``) or a
 missing dataset: one line on stderr and exit status 2.  The final report is printed as a table.
+
+One concept, the ``train`` command line: its option table, the parsers of its values, and how
+flags become a :class:`~nn.config.RunConfig` -- the table and the translation change together.
 """
 
 from __future__ import annotations
