@@ -350,6 +350,7 @@ def test_every_default_has_one_home_and_help_prints_it_once(capsys):
     ["train", "--remove-blocks"], ["train", "--budget", "flops=0.5"],
     ["train", "--budget", "macs=2"], ["train", "--method", "dense", "--budget", "macs=0.5"],
     ["train", "--budget", "macs=0.5", "--mac-target", "0.5"],
+    ["train", "--method", "variational", "--budget", "macs=0.5", "--structures", "stream"],
 ])
 def test_cli_bad_arguments_one_line_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:

@@ -113,6 +113,9 @@ class Variational(Method):
     uses_cost = True
 
     def check(self, config):
+        if config.selection.budget and config.method.structures != ("filter",):
+            raise ValueError("a budget for method variational selects among its gated units: "
+                             "use --structures filter")
         if config.runtime.amp == "fp16":
             raise ValueError("method variational needs --amp bf16 or off (fp16 loss scaling "
                              "would scale the gate gradients)")
