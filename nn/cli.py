@@ -174,6 +174,8 @@ OPTIONS = {
     "--beyond-M": ("options", "beyond_M", dict(choices=("extend", "project"))),
     "--reference": ("options", "reference", dict(
         help="checkpoint/state_dict whose weights set M (default: the initial weights)")),
+    "--group": ("options", "group", dict(type=_num("--group", int, 1), help="structures per "
+                "SPR group, trained and kept together (pair with --granularity)")),
     "--score": ("options", "score", dict(choices=("norm", "z"),
                                          help="ranking: group norm t_j or z*_j")),
     "--theta-lr": ("options", "theta_lr", dict(type=_num("--theta-lr", float, 0, True),

@@ -34,7 +34,7 @@ import torch
 from torch import nn as tnn
 
 from mipprune.penalty import C1, C2, C3, bigm_value, spr, spr_value
-from nn.checks import choice, number
+from nn.checks import choice, integer, number
 from nn.complexity import count_params, layer_macs
 from nn.cost import CostConfig, structure_costs
 from nn.models import KINDS, Family, build_families, group_weights
@@ -87,7 +87,9 @@ class SPRConfig:
     """Regularizer settings.  ``lam`` (λ >= 0) scales everything; ``alpha`` in [0, 1] splits it
     into ridge ``a`` and cost ``b``; ``M_scale > 0``; ``cost`` the price of a structure
     (:class:`nn.cost.CostConfig`); ``kinds`` the structure kinds regularized; ``beyond_M``
-    ``"extend"`` | ``"project"``; ``penalty`` ``"spr"`` | ``"bigm"``.  The defaults are the
+    ``"extend"`` | ``"project"``; ``penalty`` ``"spr"`` | ``"bigm"``; ``group``: one SPR
+    group per ``group`` consecutive structures of a family (hardware-aligned widths: they are
+    kept or removed together; every family's size must be a multiple).  The defaults are the
     pipeline's (``nn.methods.spr``)."""
 
     lam: float
@@ -97,8 +99,10 @@ class SPRConfig:
     kinds: tuple[str, ...] = ("filter",)
     beyond_M: str = "extend"
     penalty: str = "spr"
+    group: int = 1
 
     def __post_init__(self):
+        integer("group", self.group, 1)
         number("lam", self.lam, 0)
         number("alpha", self.alpha, 0, 1)
         number("M_scale", self.M_scale, 0, open_lo=True)
@@ -139,7 +143,13 @@ class SPRRegularizer:
             raise ValueError(f"model has no structures of kinds {config.kinds}")
         totals = {"params": count_params(model), "macs": sum(lm.values()) if lm else 1,
                   "blocks": sum(f.kind == "block" for f in every)}
-        self.cost = structure_costs(self.families, config.cost, totals, latency)
+        g = config.group
+        uneven = [f.name for f in self.families if f.size % g]
+        if uneven:
+            raise ValueError(f"group {g} does not divide family {uneven[0]!r} "
+                             f"({len(uneven)} families): choose a group size that divides them")
+        self.cost = {n: c.reshape(-1, g).sum(1) for n, c in
+                     structure_costs(self.families, config.cost, totals, latency).items()}
         ref = _reference_state(reference, model)
         self.a, self.b, self.M = {}, {}, {}
         for f in self.families:
@@ -155,9 +165,9 @@ class SPRRegularizer:
         widths: dict[int, list[Family]] = {}
         params = dict(model.named_parameters())
         for f in self.families:
-            widths.setdefault(group_weights(params, f).shape[1], []).append(f)
+            widths.setdefault(self.weights(params, f).shape[1], []).append(f)
         self._buckets = [(fams, *(torch.cat([d[f.name] for f in fams]) for d in (
-            self.a, self.b, {f.name: torch.full((f.size,), self.M[f.name],
+            self.a, self.b, {f.name: torch.full((f.size // g,), self.M[f.name],
                                                 dtype=torch.float64) for f in fams})))
                          for fams in widths.values()]
         self._cache: dict = {}
@@ -169,17 +179,23 @@ class SPRRegularizer:
                                      for x in self._buckets[i][1:])
         return self._cache[key]
 
+    def weights(self, params: dict, family: Family) -> torch.Tensor:
+        """The SPR groups of ``family``: ``(size / group, group * k)``, row ``j`` the writer
+        slices of structures ``j * group .. (j + 1) * group - 1`` concatenated."""
+        w = group_weights(params, family)
+        return w.reshape(family.size // self.config.group, -1)
+
     def _groups(self):
         params = dict(self.model.named_parameters())
         for i, (fams, *_) in enumerate(self._buckets):
-            w = torch.cat([group_weights(params, f) for f in fams], dim=0)
+            w = torch.cat([self.weights(params, f) for f in fams], dim=0)
             yield fams, w, self._coeffs(i, w)
 
     def group_penalties(self) -> dict[str, torch.Tensor]:
         """Per-group penalty of every regularized family (differentiable)."""
         fn, out = _PENALTIES[self.config.penalty], {}
         for fams, w, (a, b, M) in self._groups():
-            for f, v in zip(fams, torch.split(fn(w, a, b, M), [f.size for f in fams])):
+            for f, v in zip(fams, torch.split(fn(w, a, b, M), [f.size // self.config.group for f in fams])):
                 out[f.name] = v
         return out
 
@@ -195,7 +211,7 @@ class SPRRegularizer:
         counts = {}
         for fams, w, (a, b, M) in self._groups():
             case = spr(w, a, b, M).case
-            for f, c in zip(fams, torch.split(case, [f.size for f in fams])):
+            for f, c in zip(fams, torch.split(case, [f.size // self.config.group for f in fams])):
                 counts[f.name] = [int((c == k).sum()) for k in (C1, C2, C3)]
         counts["all"] = [sum(v[i] for v in counts.values()) for i in range(3)]
         return {name: {"C1": v[0] / sum(v), "C2": v[1] / sum(v), "C3": v[2] / sum(v),

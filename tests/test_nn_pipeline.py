@@ -537,3 +537,17 @@ def test_latency_cost_and_latency_budget_end_to_end(tmp_path):
     assert sel["status"] == "optimal" and sel["cost_predicted"] <= sel["budget_abs"] + 1e-9
     assert sel["latency_table"]["key"]["batch"] == 4
     assert list((tmp_path / "cache" / "mipprune" / "latency").glob("*.json"))
+
+
+def test_spr_groups_train_and_leave_together(tmp_path):
+    """--group 2 --granularity 2: SPR regularises pairs of filters, scores a pair as one, and
+    the budgeted selection keeps or removes whole pairs."""
+    cfg = tiny(tmp_path, "spr", options={"group": 2})
+    cfg = RunConfig(**{**cfg.__dict__, "selection": {**cfg.selection.__dict__,
+                                                      "budget": "macs=0.6", "granularity": 2}})
+    report = run_pipeline(cfg)
+    assert report["regularizer"]["kinds"] == ["filter"]
+    masks = torch.load(tmp_path / "spr" / "select" / "masks.pt", weights_only=True)
+    fams = [n for n in masks if not n.startswith("block.")]
+    assert fams and all(bool((masks[n].reshape(-1, 2).sum(1) % 2 == 0).all()) for n in fams)
+    assert report["selection"]["status"] == "optimal"

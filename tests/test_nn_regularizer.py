@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nn import SPRConfig, SPRRegularizer, bigm_penalty, build_model, spr_penalty
-from nn.models import build_families
+from nn.models import build_families, group_weights
 
 import mipprune.penalty as S
 from nn.cost import CostConfig
@@ -287,3 +287,25 @@ def test_bigm_option_uses_bigm_value(r20):
 def test_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         SPRConfig(**kw)
+
+
+def test_groups_of_g_structures_are_one_spr_group_each(r20):
+    """group=g: row j of a family's groups concatenates structures jg..jg+g-1; a and b are the
+    sums of their structures' costs; the penalty equals SPR on those rows."""
+    g = 4
+    one = SPRRegularizer(r20, SPRConfig(lam=2.0, alpha=0.3, cost=PARAMS))
+    grp = SPRRegularizer(r20, SPRConfig(lam=2.0, alpha=0.3, cost=PARAMS, group=g))
+    params = dict(r20.named_parameters())
+    for f in grp.families:
+        w = group_weights(params, f).detach()
+        rows = w.reshape(f.size // g, -1)
+        torch.testing.assert_close(grp.weights(params, f), rows)
+        torch.testing.assert_close(grp.a[f.name], one.a[f.name].reshape(-1, g).sum(1))
+        want = S.spr_value(rows.double().numpy(), grp.a[f.name].numpy(), grp.b[f.name].numpy(),
+                           grp.M[f.name])
+        np.testing.assert_allclose(grp.group_penalties()[f.name].detach().double().numpy(),
+                                   want, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not divide"):
+        SPRRegularizer(r20, SPRConfig(lam=1.0, group=3))
+    with pytest.raises(ValueError, match="group"):
+        SPRConfig(lam=1.0, group=0)

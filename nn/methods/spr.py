@@ -17,7 +17,6 @@ import torch
 
 from mipprune.penalty import spr
 from nn.methods.base import Method, Training
-from nn.models import group_weights
 from nn.regularizer import SPRConfig, SPRRegularizer
 
 __all__ = ["SPR", "SPROptions", "SCORES"]
@@ -30,13 +29,16 @@ _DEFAULT = SPRConfig(lam=0.0)
 class SPROptions:
     """``alpha`` ridge share (``a = lam alpha cost``), ``M_scale``, ``beyond_M`` (``extend``:
     C1 beyond M; ``project``: clamp after each step), ``reference`` (weights that set M;
-    None: the initial ones), ``score`` (``norm`` or ``z``).  Defaults: :class:`SPRConfig`'s."""
+    None: the initial ones), ``score`` (``norm`` or ``z``), ``group`` (structures per SPR
+    group: trained, scored and kept together; pair it with ``--granularity``).  Defaults:
+    :class:`SPRConfig`'s."""
 
     alpha: float = _DEFAULT.alpha
     M_scale: float = _DEFAULT.M_scale
     beyond_M: str = _DEFAULT.beyond_M
     reference: str | None = None
     score: str = "norm"
+    group: int = _DEFAULT.group
 
     def __post_init__(self):
         if self.score not in SCORES:
@@ -55,7 +57,8 @@ class SPR(Method):
     def spr_config(self, config) -> SPRConfig:
         m, o = config.method, config.method.options
         return SPRConfig(lam=m.lam, alpha=o.alpha, M_scale=o.M_scale, cost=m.cost,
-                         kinds=m.structures, beyond_M=o.beyond_M, penalty=self.penalty)
+                         kinds=m.structures, beyond_M=o.beyond_M, penalty=self.penalty,
+                         group=o.group)
 
     def check(self, config):
         self.spr_config(config)
@@ -86,15 +89,17 @@ class SPR(Method):
     @torch.no_grad()
     def scores(self, run, training):
         reg, params = training.state, dict(training.module.named_parameters())
+        if reg is None:  # scoring a model trained elsewhere: the regularizer it would have had
+            reg = SPRRegularizer(training.module, self.spr_config(run.config), run.input_size)
         out = {}
-        for f in run.pruned:
-            w = group_weights(params, f).detach()
+        for f in run.pruned:  # a group's score is each of its structures' score
+            w = reg.weights(params, f).detach()
             if self.score_name(run) == "z":
                 s = spr(w.double(), reg.a[f.name].to(w.device), reg.b[f.name].to(w.device),
                         reg.M[f.name]).z
             else:
                 s = w.double().norm(dim=1)
-            out[f.name] = s.cpu()
+            out[f.name] = s.cpu().repeat_interleave(reg.config.group)
         return out
 
     def section(self, run, training):
