@@ -3,9 +3,10 @@ bad value and what is allowed, so a setting is validated the same way wherever i
 
 from __future__ import annotations
 
+import argparse
 import math
 
-__all__ = ["number", "integer", "choice", "optional_count"]
+__all__ = ["number", "integer", "choice", "optional_count", "argtype"]
 
 
 def number(name: str, v, lo: float = -math.inf, hi: float = math.inf, *,
@@ -42,3 +43,24 @@ def choice(name: str, v, choices):
     if v not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {v!r}")
     return v
+
+
+def argtype(name, kind=float, lo=None, strict=False, hi=None):
+    """An argparse ``type``: ``kind(text)``, finite, ``>= lo`` (``> lo`` with ``strict``) and
+    ``<= hi``; ``argparse.ArgumentTypeError`` naming the option and the bad text."""
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{name} must be {'an integer' if kind is int else 'a number'}, "
+                f"got {text!r}") from None
+        if kind is float and not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"{name} must be finite, got {text!r}")
+        if lo is not None and (x <= lo if strict else x < lo):
+            raise argparse.ArgumentTypeError(
+                f"{name} must be {'>' if strict else '>='} {lo}, got {text}")
+        if hi is not None and x > hi:
+            raise argparse.ArgumentTypeError(f"{name} must be <= {hi}, got {text}")
+        return x
+    return parse

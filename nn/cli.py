@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import sys
 
+from nn.checks import argtype
 from nn.cost import CostConfig, parse_cost
 from nn.latency.cli import add_latency_parser, run_latency_table
 from nn.methods import METHODS, get_method
@@ -46,28 +46,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
 
 
-def _num(name, kind=float, lo=None, strict=False, hi=None):
-    def parse(text):
-        try:
-            x = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{name} must be {'an integer' if kind is int else 'a number'}, "
-                f"got {text!r}") from None
-        if kind is float and not math.isfinite(x):
-            raise argparse.ArgumentTypeError(f"{name} must be finite, got {text!r}")
-        if lo is not None and (x <= lo if strict else x < lo):
-            raise argparse.ArgumentTypeError(
-                f"{name} must be {'>' if strict else '>='} {lo}, got {text}")
-        if hi is not None and x > hi:
-            raise argparse.ArgumentTypeError(f"{name} must be <= {hi}, got {text}")
-        return x
-    return parse
-
-
 def _count_or_all(name):
     """An int >= 1, or ``all`` -> None (what the options call "every one")."""
-    count = _num(name, int, 1)
+    count = argtype(name, int, 1)
 
     def parse(text):
         if text == "all":
@@ -87,7 +68,7 @@ def _cost(text):
         return {"macs": float(text == "macs"), "params": float(text == "params"),
                 "latency": float(text == "latency")}
     if "=" not in text:
-        share = _num("--cost", float, 0, hi=1)(text)
+        share = argtype("--cost", float, 0, hi=1)(text)
         return {"macs": share, "params": 1 - share}
     try:
         return parse_cost(text)
@@ -115,7 +96,7 @@ def _synthetic(text):
         if k not in keys or not v:
             raise argparse.ArgumentTypeError(f"--synthetic takes key=value items with keys "
                                              f"{', '.join(keys)}; got {item!r}")
-        out[k] = _num(f"--synthetic {k}", keys[k], 0, strict=keys[k] is int)(v)
+        out[k] = argtype(f"--synthetic {k}", keys[k], 0, strict=keys[k] is int)(v)
     return out
 
 
@@ -125,34 +106,34 @@ OPTIONS = {
     "--model": ("model", "name", dict(help="resnet20/32/44/56/110, resnet18/34/50")),
     "--weights": ("model", "weights", dict(help="state_dict file to start from (e.g. a "
                   "torchvision ResNet checkpoint); spr's M is then taken from it")),
-    "--width": ("model", "width", dict(type=_num("--width", float, 0, True),
+    "--width": ("model", "width", dict(type=argtype("--width", float, 0, True),
                                        help="channel multiplier")),
     "--shortcut": ("model", "shortcut", dict(choices=("A", "B"),
                                              help="option A (pad) or B (1x1 conv)")),
     "--data": ("data", "name", dict(help="fashion-mnist, cifar10, cifar100, imagenet, "
                                          "synthetic")),
     "--data-dir": ("data", "dir", dict(help="dataset folder (nothing is downloaded)")),
-    "--subset": ("data", "subset", dict(type=_num("--subset", int, 1),
+    "--subset": ("data", "subset", dict(type=argtype("--subset", int, 1),
                                         help="stratified training subset size")),
     "--synthetic": ("data", "synthetic", dict(type=_synthetic, help="make_synthetic "
                                               "keywords, e.g. n_train=256,image_size=8")),
-    "--epochs": ("optim", "epochs", dict(type=_num("--epochs", int, 1),
+    "--epochs": ("optim", "epochs", dict(type=argtype("--epochs", int, 1),
                                          help="regularised training epochs")),
     "--finetune-epochs": ("optim", "finetune_epochs",
-                          dict(type=_num("--finetune-epochs", int, 0))),
-    "--batch-size": ("optim", "batch_size", dict(type=_num("--batch-size", int, 1),
+                          dict(type=argtype("--finetune-epochs", int, 0))),
+    "--batch-size": ("optim", "batch_size", dict(type=argtype("--batch-size", int, 1),
                                                  help="global batch (split over ranks)")),
     "--eval-batch-size": ("optim", "eval_batch_size",
-                          dict(type=_num("--eval-batch-size", int, 1))),
-    "--lr": ("optim", "lr", dict(type=_num("--lr", float, 0, True))),
-    "--finetune-lr": ("optim", "finetune_lr", dict(type=_num("--finetune-lr", float, 0, True))),
-    "--momentum": ("optim", "momentum", dict(type=_num("--momentum", float, 0))),
+                          dict(type=argtype("--eval-batch-size", int, 1))),
+    "--lr": ("optim", "lr", dict(type=argtype("--lr", float, 0, True))),
+    "--finetune-lr": ("optim", "finetune_lr", dict(type=argtype("--finetune-lr", float, 0, True))),
+    "--momentum": ("optim", "momentum", dict(type=argtype("--momentum", float, 0))),
     "--nesterov": ("optim", "nesterov", dict(action="store_true")),
-    "--weight-decay": ("optim", "weight_decay", dict(type=_num("--weight-decay", float, 0))),
+    "--weight-decay": ("optim", "weight_decay", dict(type=argtype("--weight-decay", float, 0))),
     "--schedule": ("optim", "schedule", dict(choices=("cosine", "multistep", "constant"))),
-    "--warmup-epochs": ("optim", "warmup_epochs", dict(type=_num("--warmup-epochs", float, 0),
+    "--warmup-epochs": ("optim", "warmup_epochs", dict(type=argtype("--warmup-epochs", float, 0),
                                                        help="linear lr warm-up")),
-    "--lam": ("method", "lam", dict(type=_num("--lam", float, 0),
+    "--lam": ("method", "lam", dict(type=argtype("--lam", float, 0),
                                     help="the method's strength")),
     "--structures": ("method", "structures", dict(
         choices=("filter", "stream", "filter+stream"), help="what is pruned and regularised")),
@@ -161,24 +142,24 @@ OPTIONS = {
                "latency from the latency table) and the basis saved|own, e.g. "
                "macs=0.5,params=0.5,blocks=0,basis=saved (basis own, params=1, macs=0: the SPR "
                "authors' own-parameter weighting; 'latency': latency=1 alone)")),
-    "--beta": ("method", "cost", dict(type=_num("--beta", float, 0, hi=1), help="old spelling: "
+    "--beta": ("method", "cost", dict(type=argtype("--beta", float, 0, hi=1), help="old spelling: "
                "--cost params=B,macs=1-B")),
-    "--gamma": ("method", "cost", dict(type=_num("--gamma", float, 0),
+    "--gamma": ("method", "cost", dict(type=argtype("--gamma", float, 0),
                                        help="old spelling: --cost blocks=G")),
-    "--slimming-lambda": ("method", "lam", dict(type=_num("--slimming-lambda", float, 0),
+    "--slimming-lambda": ("method", "lam", dict(type=argtype("--slimming-lambda", float, 0),
                                                 help="old spelling of --lam for slimming")),
-    "--alpha": ("options", "alpha", dict(type=_num("--alpha", float, 0, hi=1),
+    "--alpha": ("options", "alpha", dict(type=argtype("--alpha", float, 0, hi=1),
                                          help="ridge share: a = lam alpha cost")),
-    "--M-scale": ("options", "M_scale", dict(type=_num("--M-scale", float, 0, True),
+    "--M-scale": ("options", "M_scale", dict(type=argtype("--M-scale", float, 0, True),
                                              help="M = M_scale max|w|")),
     "--beyond-M": ("options", "beyond_M", dict(choices=("extend", "project"))),
     "--reference": ("options", "reference", dict(
         help="checkpoint/state_dict whose weights set M (default: the initial weights)")),
-    "--group": ("options", "group", dict(type=_num("--group", int, 1), help="structures per "
+    "--group": ("options", "group", dict(type=argtype("--group", int, 1), help="structures per "
                 "SPR group, trained and kept together (pair with --granularity)")),
     "--score": ("options", "score", dict(choices=("norm", "z"),
                                          help="ranking: group norm t_j or z*_j")),
-    "--theta-lr": ("options", "theta_lr", dict(type=_num("--theta-lr", float, 0, True),
+    "--theta-lr": ("options", "theta_lr", dict(type=argtype("--theta-lr", float, 0, True),
                    help="projected-SGD step on the gate probabilities")),
     "--estimator": ("options", "estimator", dict(
         choices=("st", "reinforce", "flip"), help="gradient estimator: flip (exact per-gate "
@@ -189,21 +170,21 @@ OPTIONS = {
     "--flip-blocks": ("options", "flip_blocks", dict(type=_count_or_all("--flip-blocks"),
                       help="block gates flipped per step, or 'all'")),
     "--gate-warmup-epochs": ("options", "gate_warmup_epochs", dict(
-        type=_num("--gate-warmup-epochs", float, 0), help="epochs before theta moves")),
-    "--theta-init": ("options", "theta_init", dict(type=_num("--theta-init", float, 0, True,
+        type=argtype("--gate-warmup-epochs", float, 0), help="epochs before theta moves")),
+    "--theta-init": ("options", "theta_init", dict(type=argtype("--theta-init", float, 0, True,
                      hi=1), help="initial keep probability of every gate")),
     "--select": ("selection", "rule", dict(choices=("auto", "bisection", "mac-target"),
                  help="auto: the method's own rule")),
-    "--tolerance": ("selection", "tolerance", dict(type=_num("--tolerance", float, 0, hi=100),
+    "--tolerance": ("selection", "tolerance", dict(type=argtype("--tolerance", float, 0, hi=100),
                     help="allowed training-accuracy drop, percentage points")),
     "--bisect-images": ("selection", "bisect_images", dict(
-        type=_num("--bisect-images", int, 1), help="calibration images")),
+        type=argtype("--bisect-images", int, 1), help="calibration images")),
     "--mac-target": ("selection", "mac_target", dict(
-        type=_num("--mac-target", float, 0, True, hi=1), help="fraction of dense MACs kept")),
+        type=argtype("--mac-target", float, 0, True, hi=1), help="fraction of dense MACs kept")),
     "--budget": ("selection", "budget", dict(help="stated budget met exactly by the MILP "
                  "selection: macs=F, params=F, latency=F (fractions of dense) or latency=Xms")),
     "--granularity": ("selection", "granularity", dict(
-        type=_num("--granularity", int, 1), help="budget: kept counts are multiples of G")),
+        type=argtype("--granularity", int, 1), help="budget: kept counts are multiples of G")),
     "--remove-blocks": ("selection", "remove_blocks", dict(
         action="store_true", help="budget: whole residual blocks may be removed")),
     "--latency-table": ("selection", "latency_table", dict(
@@ -212,19 +193,19 @@ OPTIONS = {
     "--amp": ("runtime", "amp", dict(choices=("auto", "on", "off", "bf16", "fp16"))),
     "--channels-last": ("runtime", "channels_last", dict(action="store_true")),
     "--compile": ("runtime", "compile", dict(action="store_true")),
-    "--seed": ("runtime", "seed", dict(type=_num("--seed", int, 0))),
+    "--seed": ("runtime", "seed", dict(type=argtype("--seed", int, 0))),
     "--out": ("runtime", "out", dict(help="run folder (stages, checkpoints, report, "
                                           "pruned.pt)")),
     "--resume": ("runtime", "resume", dict(action="store_true",
                                            help="continue the run in --out")),
     "--no-progress": ("runtime", "progress", dict(action="store_false",
                                                   help="hide progress bars")),
-    "--threads": ("runtime", "threads", dict(type=_num("--threads", int, 1),
+    "--threads": ("runtime", "threads", dict(type=argtype("--threads", int, 1),
                                              help="torch CPU threads")),
     "--latency-batches": ("runtime", "latency_batches", dict(
         type=_batches, help="batch sizes timed, e.g. 1,64 ('' for none)")),
     "--latency-repeats": ("runtime", "latency_repeats",
-                          dict(type=_num("--latency-repeats", int, 1))),
+                          dict(type=argtype("--latency-repeats", int, 1))),
 }
 _ALIASES = {"--beta", "--gamma", "--slimming-lambda"}
 _UNSET = {"--shortcut": "the model's published choice (A for CIFAR, B for ImageNet ResNets)",

@@ -22,33 +22,10 @@ import torch
 from nn.latency.allocator import ALLOCATORS
 from nn.latency.measure import fit_constant, measure_table
 from nn.latency.files import default_path, save_table
+from nn.checks import argtype
 from nn.latency.table import DTYPES
 
 __all__ = ["add_latency_parser", "run_latency_table"]
-
-
-def _int(name: str, lo: int):
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {text}")
-        return v
-    return parse
-
-
-def _positive_float(name: str):
-    def parse(text):
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not v > 0 or v == float("inf"):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text}")
-        return v
-    return parse
 
 
 def _input(text):
@@ -68,30 +45,30 @@ def add_latency_parser(sub) -> argparse.ArgumentParser:
                        description="Measure every layer shape of a model at every candidate "
                        "width on this machine, fit the constant, cache the table as JSON.")
     p.add_argument("--model", required=True, help="resnet20/32/44/56/110, resnet18/34/50")
-    p.add_argument("--width", type=_positive_float("--width"), default=1.0,
+    p.add_argument("--width", type=argtype("--width", float, 0, strict=True), default=1.0,
                    help="channel multiplier; default 1")
     p.add_argument("--shortcut", choices=("A", "B"), default=None,
                    help="default: the model's published choice")
     p.add_argument("--input", type=_input, default=(3, 32, 32), metavar="C,H,W",
                    help="input shape; default 3,32,32")
-    p.add_argument("--num-classes", type=_int("--num-classes", 1), default=10)
-    p.add_argument("--batch", type=_int("--batch", 1), required=True)
-    p.add_argument("--threads", type=_int("--threads", 1), default=None,
+    p.add_argument("--num-classes", type=argtype("--num-classes", int, 1), default=10)
+    p.add_argument("--batch", type=argtype("--batch", int, 1), required=True)
+    p.add_argument("--threads", type=argtype("--threads", int, 1), default=None,
                    help="torch CPU threads; default torch's own")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N; default cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--granularity", type=_int("--granularity", 1), default=8,
+    p.add_argument("--granularity", type=argtype("--granularity", int, 1), default=8,
                    help="candidate widths: multiples of this up to the dense width; default 8")
-    p.add_argument("--repeats", type=_int("--repeats", 1), default=10,
+    p.add_argument("--repeats", type=argtype("--repeats", int, 1), default=10,
                    help="timed calls per grid point (median); default 10")
-    p.add_argument("--warmup", type=_int("--warmup", 0), default=2)
-    p.add_argument("--fit-networks", type=_int("--fit-networks", 0), default=8,
+    p.add_argument("--warmup", type=argtype("--warmup", int, 0), default=2)
+    p.add_argument("--fit-networks", type=argtype("--fit-networks", int, 0), default=8,
                    help="networks measured whole to fit the constant (0: none); default 8")
     p.add_argument("--no-scale", action="store_true",
                    help="fit the constant only (scale stays 1)")
     p.add_argument("--allocator", choices=ALLOCATORS, default="steady",
                    help="steady: keep freed memory for reuse (nn.latency.allocator); default")
-    p.add_argument("--seed", type=_int("--seed", 0), default=0)
+    p.add_argument("--seed", type=argtype("--seed", int, 0), default=0)
     p.add_argument("--out", default=None, help="JSON file; default the cache "
                    "(~/.cache/mipprune/latency/<model>__<key>.json)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
