@@ -29,7 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Budget", "BUDGET_KINDS", "candidate_widths", "tensor_costs", "carriers",
+from nn.cost import TensorCost, tensor_costs
+
+__all__ = ["Budget", "BUDGET_KINDS", "candidate_widths", "carriers",
            "count_terms", "build_problem", "widths_to_masks", "total", "select_to_budget"]
 
 BUDGET_KINDS = ("macs", "params", "latency")
@@ -85,54 +87,30 @@ def candidate_widths(size: int, granularity: int, removable: bool = False) -> li
     return ([0] if removable else []) + widths
 
 
-@dataclass(frozen=True)
-class TensorCost:
-    """One parameter tensor: its parameters and MACs in the dense model, the pruned families
-    that set its output and input axes (None: fixed) and the removable block it lives in."""
-
-    name: str
-    params: int
-    macs: int
-    out_family: str | None
-    in_family: str | None
-    block: str | None
-
-
-def tensor_costs(model: torch.nn.Module, structures, lmacs: dict[str, int]) -> list[TensorCost]:
-    """Every parameter tensor of ``model`` with the families of ``structures`` that scale it
-    (writers along dim 0 set the output axis, readers along dim 1 the input axis; ``block``
-    families contain their branch tensors whole)."""
-    out_of, in_of, block_of = {}, {}, {}
-    for f in structures:
-        if f.kind == "block":
-            for p in f.writers:
-                block_of[p.param] = f.name
-        elif f.kind in ("filter", "stream"):
-            for p in f.writers:
-                out_of[p.param] = f.name
-            for p in f.readers:
-                in_of[p.param] = f.name
-    rows = []
-    for name, p in model.named_parameters():
-        layer = name.rsplit(".", 1)[0]
-        macs = lmacs.get(layer, 0) if name.endswith(".weight") else 0
-        rows.append(TensorCost(name, p.numel(), macs, out_of.get(name), in_of.get(name),
-                               block_of.get(name)))
-    return rows
+def _members(structures, pruned_names) -> dict[str, list[str]]:
+    """``{block family: the pruned filter families inside it, in order}`` (its writers
+    contain theirs), for the removable blocks that contain one."""
+    out = {}
+    for b in (f for f in structures if f.kind == "block"):
+        inside = {p.param for p in b.writers}
+        fams = [f.name for f in structures if f.kind == "filter" and f.name in pruned_names
+                and {p.param for p in f.writers} <= inside]
+        if fams:
+            out[b.name] = fams
+    return out
 
 
 def carriers(structures, pruned_names) -> dict[str, str]:
     """``{block family: the first pruned filter family inside it}`` (its carrier: width 0
     removes the block), for the removable blocks that contain a pruned family."""
-    out = {}
-    for b in (f for f in structures if f.kind == "block"):
-        inside = {p.param for p in b.writers}
-        for f in structures:
-            if f.kind == "filter" and f.name in pruned_names and \
-                    {p.param for p in f.writers} <= inside:
-                out[b.name] = f.name
-                break
-    return out
+    return {b: fams[0] for b, fams in _members(structures, pruned_names).items()}
+
+
+def _inside(structures, pruned_names, block_carriers) -> dict[str, str]:
+    """``{family: carrier}`` for pruned filter families inside a block with a carrier that
+    are not the carrier (they go with the block)."""
+    return {f: block_carriers[b] for b, fams in _members(structures, pruned_names).items()
+            if b in block_carriers for f in fams[1:]}
 
 
 def count_terms(tensors: list[TensorCost], kind: str, sizes: dict[str, int],
@@ -234,19 +212,6 @@ def widths_to_masks(families, scores: dict[str, torch.Tensor], widths: dict[str,
     for block, carrier in block_carriers.items():
         masks[block] = torch.tensor([widths[carrier] > 0])
     return masks
-
-
-def _inside(structures, pruned_names, block_carriers) -> dict[str, str]:
-    """``{family: carrier}`` for pruned filter families inside a removable block that are not
-    its carrier (they go with the block)."""
-    out = {}
-    for b in (f for f in structures if f.kind == "block" and f.name in block_carriers):
-        params = {p.param for p in b.writers}
-        for f in structures:
-            if f.kind == "filter" and f.name in pruned_names and f.name != block_carriers[
-                    b.name] and {p.param for p in f.writers} <= params:
-                out[f.name] = block_carriers[b.name]
-    return out
 
 
 def total(terms, sizes: dict[str, int], widths: dict[str, int] | None = None) -> float:

@@ -35,7 +35,8 @@ import torch
 
 from nn.checks import choice, number
 
-__all__ = ["BASES", "CostConfig", "piece_cost", "structure_costs", "parse_cost"]
+__all__ = ["BASES", "CostConfig", "piece_cost", "structure_costs", "parse_cost", "TensorCost",
+           "tensor_costs"]
 
 BASES = ("saved", "own")
 
@@ -121,3 +122,39 @@ def structure_costs(families, cost: CostConfig, totals: dict,
                 / latency["dense_ms"]
         out[f.name] = share
     return out
+
+
+@dataclass(frozen=True)
+class TensorCost:
+    """One parameter tensor: its parameters and MACs in the dense model, the pruned families
+    that set its output and input axes (None: fixed) and the removable block it lives in."""
+
+    name: str
+    params: int
+    macs: int
+    out_family: str | None
+    in_family: str | None
+    block: str | None
+
+
+def tensor_costs(model: torch.nn.Module, structures, lmacs: dict[str, int]) -> list[TensorCost]:
+    """Every parameter tensor of ``model`` with the families of ``structures`` that scale it
+    (writers along dim 0 set the output axis, readers along dim 1 the input axis; ``block``
+    families contain their branch tensors whole)."""
+    out_of, in_of, block_of = {}, {}, {}
+    for f in structures:
+        if f.kind == "block":
+            for p in f.writers:
+                block_of[p.param] = f.name
+        elif f.kind in ("filter", "stream"):
+            for p in f.writers:
+                out_of[p.param] = f.name
+            for p in f.readers:
+                in_of[p.param] = f.name
+    rows = []
+    for name, p in model.named_parameters():
+        layer = name.rsplit(".", 1)[0]
+        macs = lmacs.get(layer, 0) if name.endswith(".weight") else 0
+        rows.append(TensorCost(name, p.numel(), macs, out_of.get(name), in_of.get(name),
+                               block_of.get(name)))
+    return rows

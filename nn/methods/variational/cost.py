@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from nn.cost import tensor_costs
+
 __all__ = ["cost_table", "expected", "normalised", "marginal"]
 
 
@@ -37,22 +39,9 @@ def cost_table(net, families, gates, lmacs: dict[str, int]):
     none), ``fam_of`` (per unit gate, its family) and ``fam_size`` (float64, per unit family)."""
     fam_index = {g.name: i for i, g in enumerate(gates) if g.kind == "unit"}
     start = {g.name: g.start for g in gates}
-    out_of, in_of, block_of = {}, {}, {}
-    for f in families:
-        if f.kind == "filter":
-            for p in f.writers:
-                out_of[p.param] = fam_index[f.name]
-            for p in f.readers:
-                in_of[p.param] = fam_index[f.name]
-        elif f.kind == "block":
-            for p in f.writers:
-                block_of[p.param] = start[f.name]
-    rows = []
-    for name, p in net.named_parameters():
-        mod = name.rsplit(".", 1)[0]
-        macs = lmacs.get(mod, 0) if name.endswith(".weight") else 0
-        rows.append((p.numel(), macs, out_of.get(name, -1), in_of.get(name, -1),
-                     block_of.get(name, -1)))
+    rows = [(t.params, t.macs, fam_index.get(t.out_family, -1),
+             fam_index.get(t.in_family, -1), start.get(t.block, -1))
+            for t in tensor_costs(net, families, lmacs)]
     t = torch.tensor(rows, dtype=torch.float64)
     units = [g for g in gates if g.kind == "unit"]
     fam_of = torch.cat([torch.full((g.size,), i) for i, g in enumerate(units)]) \
