@@ -4,8 +4,10 @@ accuracies and losses as the code before the methods/families/cost restructuring
 ``tests/data/pinned_runs.json`` was written by running these configurations on the code at
 commit a3af8ad (ResNet-20 at width 0.25 on 8x8 synthetic data, one thread).  CPU convolution
 kernels differ between instruction sets and change float32 trajectories, so the pins are
-compared exactly on the instruction set they were recorded on and the test is skipped
-elsewhere (the reason names both)."""
+compared on the instruction set they were recorded on and the test is skipped elsewhere (the
+reason names both).  Two CPUs of one instruction set may still round differently (an Intel
+Xeon and the AMD EPYC the pins were recorded on differ by up to 4e-8 relative in the epoch
+losses): networks, MACs and accuracies are compared exactly, losses to ``LOSS_RTOL``."""
 
 import json
 from pathlib import Path
@@ -16,6 +18,8 @@ import torch
 from nn.config import RunConfig
 from nn.pipeline import run_pipeline
 
+LOSS_RTOL = 1e-6  # float32 round-off between CPUs of one instruction set (4e-8 seen); a change
+# of behaviour moves a loss by far more
 PINS = json.loads((Path(__file__).parent / "data" / "pinned_runs.json").read_text())
 SYN = {"n_train": 192, "n_test": 96, "image_size": 8, "num_classes": 4}
 METHOD = {  # what each pinned run set beyond the shared configuration
@@ -45,5 +49,6 @@ def test_seeded_run_reproduces_the_pinned_network(tmp_path, method):
     assert report["blocks"] == pin["blocks"]  # every block's branch and widths
     assert report["complexity"] == pin["complexity"]
     assert report["accuracy"] == pin["accuracy"]
-    assert [h["train_loss"] for h in report["history"]["train"]] == pin["train_loss"]
-    assert [h["train_loss"] for h in report["history"]["finetune"]] == pin["finetune_loss"]
+    for stage, key in (("train", "train_loss"), ("finetune", "finetune_loss")):
+        losses = [h["train_loss"] for h in report["history"][stage]]
+        assert losses == pytest.approx(pin[key], rel=LOSS_RTOL, abs=0)
