@@ -10,13 +10,16 @@ family through its output axis, one through its input axis and one block gate, s
 
     E[cost of a tensor] = full * theta_b * mean(theta_out family) * mean(theta_in family)
 
-with a factor 1 where the tensor has no such gate (:func:`expected`).  At every vertex where
-each kept block keeps a unit in each of its unit families -- every network the pruner outputs --
-this equals :func:`nn.count_macs` / :func:`nn.count_params` of the compressed model.  A kept
-block whose inner family is entirely off is a "cut branch" that :func:`nn.compress` folds into a
-constant; ``expected`` still charges the layers after the cut, so the gradient still sees their
-price.  Each structure's automatic regularisation weight is ``lam dR/dtheta_s``, its marginal
-expected cost (:func:`marginal`), recomputed as theta moves.
+with a factor 1 where the tensor has no such gate (:func:`expected`).  A unit gate on a group
+of g units (``GatedResNet(group=g)``) stands for its g units, each at its theta: a family's mean
+over its gates is the mean over its units, so a gate's expected cost is the sum of its units'.
+At every vertex where each kept block keeps a unit in each of its unit families -- every
+network the pruner outputs -- this equals :func:`nn.count_macs` / :func:`nn.count_params` of
+the compressed model.  A kept block whose inner family is entirely off is a "cut branch" that
+:func:`nn.compress` folds into a constant; ``expected`` still charges the layers after the
+cut, so the gradient still sees their price.  Each structure's automatic regularisation
+weight is ``lam dR/dtheta_s``, its marginal expected cost (:func:`marginal`), recomputed as
+theta moves.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ def cost_table(net, families, gates, lmacs: dict[str, int]):
     ``named_parameters()`` order.
 
     ``families``: its structures; ``gates``: the gated families (``name``, ``kind`` ``unit``
-    or ``block``, ``start``, ``size``: units first, then blocks); ``lmacs``: per-layer MACs.
+    or ``block``, ``start``, ``size`` in gates: units first, then blocks); ``lmacs``:
+    per-layer MACs.
     Returns ``full`` (float64, ``(tensors, 2)``: parameters and MACs of the dense tensor),
     ``idx`` (long, ``(tensors, 3)``: its out unit family, in unit family and block gate, -1 for
-    none), ``fam_of`` (per unit gate, its family) and ``fam_size`` (float64, per unit family)."""
+    none), ``fam_of`` (per unit gate, its family) and ``fam_size`` (float64, per unit family: its
+    gates)."""
     fam_index = {g.name: i for i, g in enumerate(gates) if g.kind == "unit"}
     start = {g.name: g.start for g in gates}
     rows = [(t.params, t.macs, fam_index.get(t.out_family, -1),

@@ -8,6 +8,12 @@ and puts a gate ``xi_s ~ Bernoulli(theta_s)`` on
   multiplying the channel after BN + ReLU;
 * every **removable block** (identity shortcut): ``relu(x + xi_b * branch(x))``.
 
+With ``group`` g > 1, one unit gate stands for g consecutive units of its family (widths in
+multiples of g, aligned to the hardware): the g units share its theta and its sample, so they
+are kept or removed together, and the gate is priced as the g units it holds (:mod:`.cost`).
+Every unit family's size must be a multiple of g.  ``theta``, ``alive`` and ``pinned`` hold
+one entry per gate; the forward and the masks repeat a unit gate's entry over its g units.
+
 All gates live in one flat vector ``theta`` (units family by family, then blocks; buffers, so
 checkpoints and ``--resume`` carry them).  In ``train()`` one gate pattern is sampled per forward
 pass (per mini-batch); in ``eval()`` the network is deterministic: every live gate multiplies by
@@ -34,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn as tnn
 
-from nn.checks import choice, number, optional_count
+from nn.checks import choice, integer, number, optional_count
 from nn.complexity import count_macs, count_params, layer_macs
 from nn.cost import CostConfig
 from nn.methods.variational import cost as C
@@ -51,16 +57,22 @@ __all__ = ["ESTIMATORS", "DEFAULT_ESTIMATOR", "DEFAULT_FLIP_UNITS", "DEFAULT_FLI
 @dataclass(frozen=True)
 class _Gate:
     """A gated family: ``name`` (its Family name), ``kind`` (``unit``/``block``), its slice
-    ``start:start+size`` of ``theta``."""
+    ``start:start+size`` of ``theta`` (``size`` gates), ``group`` structures per gate."""
 
     name: str
     kind: str
     start: int
     size: int
+    group: int = 1
 
     @property
     def slice(self) -> slice:
         return slice(self.start, self.start + self.size)
+
+    def units(self, v: torch.Tensor) -> torch.Tensor:
+        """This family's entries of ``v`` (one per gate, theta's layout), one per structure:
+        each gate's entry repeated over its ``group`` structures."""
+        return v[self.slice].repeat_interleave(self.group)
 
 
 class GatedResNet(tnn.Module):
@@ -71,16 +83,19 @@ class GatedResNet(tnn.Module):
     parameters and blocks, :class:`nn.cost.CostConfig`; :mod:`.cost`), ``theta_init`` (every gate's initial keep probability, in
     (0, 1]), ``estimator`` (:data:`ESTIMATORS`), ``baseline_decay`` (the REINFORCE baseline's
     moving average), ``flip_units`` and ``flip_blocks`` (unit and block gates flipped per step
-    by the ``flip`` estimator, drawn at random among the live ones; None: all).
+    by the ``flip`` estimator, drawn at random among the live ones; None: all), ``group``
+    (units per unit gate, a divisor of every unit family's size).
 
-    ``unit_cost`` (a buffer): ``dR/dtheta_s`` at theta = 1 (without ``lam``).
+    ``unit_cost`` (a buffer): ``dR/dtheta_s`` at theta = 1 (without ``lam``); ``n_units``:
+    the number of unit gates (theta's first entries, the block gates follow).
     """
 
     def __init__(self, net: tnn.Module, input_size, *, lam: float = 1.0,
                  cost: CostConfig | None = None, theta_init: float = 1.0,
                  estimator: str = DEFAULT_ESTIMATOR, baseline_decay: float = 0.9,
                  flip_units: int | None = DEFAULT_FLIP_UNITS,
-                 flip_blocks: int | None = DEFAULT_FLIP_BLOCKS, latency: dict | None = None):
+                 flip_blocks: int | None = DEFAULT_FLIP_BLOCKS, latency: dict | None = None,
+                 group: int = 1):
         super().__init__()
         try:
             lay = layout(net)
@@ -95,23 +110,30 @@ class GatedResNet(tnn.Module):
         choice("estimator", estimator, ESTIMATORS)
         optional_count("flip_units", flip_units)
         optional_count("flip_blocks", flip_blocks)
+        integer("group", group, 1)
         self.flip_units, self.flip_blocks = flip_units, flip_blocks
         self.net = net
         self.lam, self.cost_config = float(lam), cost
         self.estimator, self.baseline_decay = estimator, float(baseline_decay)
+        self.group = group
         self.input_size = tuple(input_size)
         lmacs = layer_macs(net, self.input_size)
         self.families = build_families(net, lmacs)
+        uneven = [f for f in self.families if f.kind == "filter" and f.size % group]
+        if uneven:
+            raise ValueError(f"group {group} does not divide family {uneven[0].name!r} of "
+                             f"{uneven[0].size} units ({len(uneven)} families): choose a group "
+                             f"size that divides them")
         self.layout = lay
         self._modules_by_name = dict(net.named_modules())  # a plain dict: not registered
         self._bns = [m for m in self._modules_by_name.values()
                      if isinstance(m, tnn.modules.batchnorm._BatchNorm)]
         gates, start = [], 0
-        for kind, fkind in (("unit", "filter"), ("block", "block")):
+        for kind, fkind, g in (("unit", "filter", group), ("block", "block", 1)):
             for f in self.families:
                 if f.kind == fkind:
-                    gates.append(_Gate(f.name, kind, start, f.size))
-                    start += f.size
+                    gates.append(_Gate(f.name, kind, start, f.size // g, g))
+                    start += f.size // g
         self.gates = tuple(gates)
         self.by_name = {g.name: g for g in gates}
         self._block_units = {}  # block gate index -> its unit gates' indices
@@ -137,8 +159,9 @@ class GatedResNet(tnn.Module):
                              "table (nn.budget_latency.latency_cost)")
         lat = torch.zeros(n, dtype=torch.float64)
         if cost.latency:  # linear in theta: each gate's marginal latency over the dense one
-            for g in self.gates:
-                lat[g.slice] = latency["marginal"].get(g.name, 0.0) / latency["dense_ms"]
+            for g in self.gates:  # (per structure in the table: a gate holds g.group of them)
+                lat[g.slice] = g.group * latency["marginal"].get(g.name, 0.0) \
+                    / latency["dense_ms"]
         self.register_buffer("_latency", lat, persistent=False)
         full, idx, fam_of, fam_size = C.cost_table(net, self.families, self.gates, lmacs)
         self.register_buffer("_cost_full", full, persistent=False)
@@ -189,25 +212,23 @@ class GatedResNet(tnn.Module):
 
     # ---------------------------------------------------------------- masks
     def deterministic_masks(self) -> dict[str, torch.Tensor]:
-        """``{family: bool mask}`` of the deterministic network: a gate is on iff it is alive and
-        ``theta >= 0.5``; a unit family left empty keeps its alive unit of largest theta (the
-        block gate, not the unit gates, removes a block); a family with no live unit (its block
-        is dead) keeps nothing."""
-        on = (self.alive & (self.theta >= 0.5)).cpu()
-        alive = self.alive.cpu()
-        th = torch.where(alive, self.theta.cpu(), -1.0)
-        out = {}
-        for g in self.gates:
-            m = on[g.slice].clone()
-            if g.kind == "unit" and not m.any() and alive[g.slice].any():
-                m[int(th[g.slice].argmax())] = True
-            out[g.name] = m
-        return out
+        """``{family: bool mask}`` (one entry per structure) of the deterministic network:
+        :meth:`deterministic_keep`, each unit gate's entry repeated over its units."""
+        keep = self.deterministic_keep().cpu()
+        return {g.name: g.units(keep) for g in self.gates}
 
     def deterministic_keep(self) -> torch.Tensor:
-        """:meth:`deterministic_masks` as one bool vector over all gates (theta's layout)."""
-        masks = self.deterministic_masks()
-        return torch.cat([masks[g.name] for g in self.gates]).to(self.theta.device)
+        """One bool per gate (theta's layout): a gate is on iff it is alive and ``theta >=
+        0.5``; a unit family left empty keeps its alive gate of largest theta (the block gate,
+        not the unit gates, removes a block); a family with no live gate (its block is dead)
+        keeps nothing."""
+        alive = self.alive.cpu()
+        keep = alive & (self.theta.cpu() >= 0.5)
+        th = torch.where(alive, self.theta.cpu(), -1.0)
+        for g in self.gates:
+            if g.kind == "unit" and not keep[g.slice].any() and alive[g.slice].any():
+                keep[g.start + int(th[g.slice].argmax())] = True
+        return keep.to(self.theta.device)
 
     def _indices(self):
         """Per unit family: the alive channels (None when all are), cached until ``alive``
@@ -218,7 +239,7 @@ class GatedResNet(tnn.Module):
             idx = {}
             for g in self.gates:
                 if g.kind == "unit":
-                    a = alive[g.slice]
+                    a = g.units(alive)
                     idx[g.name] = None if bool(a.all()) else \
                         torch.nonzero(a).flatten().to(self.theta.device)
             self._cache = (key, idx)
@@ -250,7 +271,7 @@ class GatedResNet(tnn.Module):
 
     def _stem(self, x, mult):
         stem = self.by_name.get("conv1")  # ResNet-50 stem filters: multiplied, never sliced
-        return fwd.stem(self.net, x, None if stem is None else mult[stem.slice])
+        return fwd.stem(self.net, x, None if stem is None else stem.units(mult))
 
     def _tail(self, h, start, mult, compute, idx, inputs=None):
         """Blocks ``start:`` and the head on ``h`` (the input of block ``start``), with gate
@@ -268,9 +289,9 @@ class GatedResNet(tnn.Module):
             select, scales = [], []
             for conv in info.convs[:-1]:
                 gate = self.by_name[conv]
-                sel = idx[gate.name]
+                sel, m = idx[gate.name], gate.units(mult)
                 select.append(sel)
-                scales.append(mult[gate.slice] if sel is None else mult[gate.slice][sel])
+                scales.append(m if sel is None else m[sel])
             layers = [(modules[c], modules[b]) for c, b in zip(info.convs, info.bns)]
             h = fwd.block(h, modules[info.name].downsample, layers, select=select + [None],
                           scales=scales, out_scale=None if bgate is None else mult[bgate.start])
@@ -290,7 +311,7 @@ class GatedResNet(tnn.Module):
         """Projected SGD: ``theta <- clip(theta - lr P grad, 0, 1)`` on live, unpinned gates,
         with ``P = diag(1 / unit_cost)`` (every gate's marginal cost at theta = 1) when
         ``precondition``, else ``P = I``.  A gate reaching 0 dies for good, except a unit
-        family's last live unit, which is pinned at 1.  Returns the number of gates that died.
+        family's last live gate, which is pinned at 1.  Returns the number of gates that died.
 
         Why precondition: a block's marginal cost is the sum of its units', so plain SGD moves
         block gates (width of the block) times faster than unit gates and removes blocks soon
@@ -345,7 +366,8 @@ class GatedResNet(tnn.Module):
     def stats(self) -> dict:
         """Per-epoch numbers: expected MACs/params/blocks, MACs/params of the deterministic
         network, MACs of the live network (what a training step computes: every structure not
-        yet dead), live units and blocks, mean theta of live gates."""
+        yet dead), live units (``group`` per live unit gate) and block gates, mean theta of
+        live gates."""
         with torch.no_grad():
             e = self.expected()
             keep = self.deterministic_keep().to(self.theta.dtype)
@@ -357,7 +379,8 @@ class GatedResNet(tnn.Module):
                     "exp_blocks": float(e["blocks"]), "det_macs": float(d["macs"]),
                     "det_params": float(d["params"]), "det_blocks": float(d["blocks"]),
                     "live_macs": float(live["macs"]),
-                    "units_alive": int(a[:nu].sum()), "blocks_alive": int(a[nu:].sum()),
+                    "units_alive": int(a[:nu].sum()) * self.group,
+                    "blocks_alive": int(a[nu:].sum()),
                     "theta_mean": float(self.theta[a].mean()) if bool(a.any()) else 0.0,
                     "cost": float(self.cost())}
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nn.checks import choice, number, optional_count
+from nn.checks import choice, integer, number, optional_count
 from nn.config import ConfigError
 from nn.methods.base import Method, Training
 from nn.methods.variational.estimators import (DEFAULT_ESTIMATOR, DEFAULT_FLIP_BLOCKS,
@@ -31,7 +31,9 @@ class VariationalOptions:
     ``gate_warmup_epochs``: epochs (may be fractional) before theta moves; ``theta_init``:
     initial keep probability of every gate; ``precondition``: divide each gate's step by its
     marginal cost at theta = 1 (:meth:`GatedResNet.step_theta` says why); ``flip_units``,
-    ``flip_blocks``: live unit and block gates flipped per step by ``flip`` (None: all)."""
+    ``flip_blocks``: live unit and block gates flipped per step by ``flip`` (None: all);
+    ``group``: consecutive units of a family under one gate, sampled, scored and kept together
+    (pair it with ``--granularity``; every unit family's size must be a multiple)."""
 
     theta_lr: float = 0.005
     estimator: str = DEFAULT_ESTIMATOR
@@ -40,6 +42,7 @@ class VariationalOptions:
     precondition: bool = True
     flip_units: int | None = DEFAULT_FLIP_UNITS
     flip_blocks: int | None = DEFAULT_FLIP_BLOCKS
+    group: int = 1
 
     def __post_init__(self):
         number("theta_lr", self.theta_lr, 0, open_lo=True)
@@ -47,6 +50,7 @@ class VariationalOptions:
         number("theta_init", self.theta_init, 0, 1, open_lo=True)
         optional_count("flip_units", self.flip_units)
         optional_count("flip_blocks", self.flip_blocks)
+        integer("group", self.group, 1)
         if not isinstance(self.precondition, bool):
             raise ValueError(f"precondition must be a bool, got {self.precondition!r}")
         choice("estimator", self.estimator, ESTIMATORS)
@@ -116,6 +120,11 @@ class Variational(Method):
         if config.selection.budget and config.method.structures != ("filter",):
             raise ValueError("a budget for method variational selects among its gated units: "
                              "use --structures filter")
+        group, granularity = config.method.options.group, config.selection.granularity
+        if config.selection.budget and granularity % group:
+            raise ValueError(f"a budget for method variational keeps whole gates of --group "
+                             f"{group} units: --granularity must be a multiple of {group}, got "
+                             f"{granularity}")
         if config.runtime.amp == "fp16":
             raise ValueError("method variational needs --amp bf16 or off (fp16 loss scaling "
                              "would scale the gate gradients)")
@@ -138,27 +147,30 @@ class Variational(Method):
         gated = GatedResNet(run.model, run.input_size, lam=m.lam, cost=m.cost,
                             theta_init=o.theta_init, estimator=o.estimator,
                             flip_units=o.flip_units, flip_blocks=o.flip_blocks,
-                            latency=latency).to(run.device)
+                            latency=latency, group=o.group).to(run.device)
         return Training(gated, hooks(gated, o, run.steps_per_epoch), gated)
 
     def score_name(self, run):
         return "theta"
 
     def scores(self, run, training):
-        """Every unit's keep probability (0 once dead), per pruned family."""
+        """Every unit's keep probability (0 once dead; its gate's, shared by the gate's
+        ``group`` units), per pruned family."""
         gated = training.module
         th = (gated.theta * gated.alive).detach().double().cpu()
-        return {f.name: th[gated.by_name[f.name].slice] for f in run.pruned}
+        return {f.name: gated.by_name[f.name].units(th) for f in run.pruned}
 
     def _budgeted(self, run, training):
         """A stated budget: the units kept by the OR layer's selection from the thetas
-        (:func:`nn.budget.select_to_budget`); a block whose gate died stays removed."""
+        (:func:`nn.budget.select_to_budget`; its widths are multiples of the group, so it keeps
+        whole gates: a gate stays if its units do); a block whose gate died stays removed."""
         from nn.budget import select_to_budget
 
         gated = training.module
         masks, sel = select_to_budget(run, self, self.scores(run, training))
         with torch.no_grad():
-            keep = torch.cat([masks[g.name] if g.name in masks else gated.alive[g.slice].cpu()
+            keep = torch.cat([masks[g.name].reshape(-1, g.group).all(1) if g.name in masks
+                              else gated.alive[g.slice].cpu()
                               for g in gated.gates]).to(gated.alive.device)
             keep[gated.n_units:] &= gated.alive[gated.n_units:]
             gated.alive.copy_(keep)
@@ -200,7 +212,7 @@ class Variational(Method):
         return {"penalty": "variational", "lam": m.lam, "cost": m.cost.to_dict(),
                 "theta_lr": o.theta_lr, "estimator": o.estimator, "flip_units": o.flip_units,
                 "flip_blocks": o.flip_blocks, "warmup_epochs": o.gate_warmup_epochs,
-                "theta_init": o.theta_init,
+                "theta_init": o.theta_init, "group": o.group,
                 "R": "macs E[MACs]/MACs0 + params E[params]/params0 + blocks E[blocks]/B "
                      "(exact, multilinear in theta)"}
 
