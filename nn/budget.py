@@ -220,6 +220,59 @@ def total(terms, sizes: dict[str, int], widths: dict[str, int] | None = None) ->
     return sum(float(fn(widths.get(a), widths.get(b))) for a, b, fn in terms)
 
 
+def _solve(sp):
+    from mipprune.select import solve_selection
+
+    return solve_selection(sp)
+
+
+def depth_search(run, sp, families, scores: dict[str, torch.Tensor],
+                 block_carriers: dict[str, str]) -> tuple[object, list[dict]]:
+    """The exact selection at every depth, the depth chosen on data.
+
+    The value model (summed scores) cannot say what a whole block is worth: scores of filters
+    in different stages are not comparable, and a block's filters may be individually weak
+    while the block matters.  So the blocks are ranked by the calibration accuracy of the
+    network with that block alone removed (least harm first), the MILP is solved once per
+    prefix of that ranking (only the first ``m`` blocks may go, ``m = 0 .. n``), and of the
+    distinct feasible optima the one whose masked network is most accurate on the calibration
+    images wins (ties: the larger value).  Returns the winner's result and the search's record
+    (each block's accuracy alone removed, the ranking, one candidate per ``m``)."""
+    from nn.evaluation import evaluate
+    from nn.models import apply_masks
+
+    sub = run.calibration()
+
+    def accuracy(masks):
+        return evaluate(apply_masks(run.model, masks, run.structures), sub, run.world)
+
+    alone = {b: accuracy({b: torch.tensor([False])}) for b in block_carriers}
+    ranked = sorted(block_carriers, key=lambda b: -alone[b])
+    nonzero = {c: [int(w) for w in sp.families[sp.index[c]].widths if w > 0]
+               for c in block_carriers.values()}
+    trace, seen, best = [], {}, None
+    for m in range(len(ranked) + 1):
+        res = _solve(sp.restricted({block_carriers[b]: nonzero[block_carriers[b]]
+                                    for b in ranked[m:]}))
+        rec = {"removable": ranked[:m], "status": res.status, "value": res.value,
+               "cost": res.cost, "gap": res.gap}
+        if res.widths is not None:
+            key = tuple(sorted(res.widths.items()))
+            if key not in seen:
+                seen[key] = accuracy(widths_to_masks(families, scores, res.widths,
+                                                     block_carriers))
+            rec.update(blocks_removed=sorted(b for b, c in block_carriers.items()
+                                             if res.widths[c] == 0),
+                       calibration_acc=seen[key])
+            if best is None or (seen[key], res.value) > (best[0], best[1].value):
+                best = (seen[key], res, m)
+        trace.append(rec)
+    if best is None:  # infeasible at every depth: the caller reports it
+        return res, None
+    return best[1], {"accuracy_without": alone, "ranked": ranked, "candidates": trace,
+                     "chosen": best[2], "calibration_acc": best[0]}
+
+
 def select_to_budget(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """Masks and the selection record of a budgeted selection on ``run``
     (:class:`nn.methods.Run`) from ``method``'s ``scores`` (module docstring)."""
@@ -255,32 +308,41 @@ def select_to_budget(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict
         raise ConfigError(f"--budget needs the OR layer's solver (pyomo and highspy: pip "
                            f"install pyomo highspy): {e}") from None
     sp = SelectionProblem.from_json(problem)
-    res = solve_selection(sp)
+    search = None
+    if block_carriers and cfg.depth == "search":
+        res, search = depth_search(run, sp, fams, scores, block_carriers)
+    else:
+        res = solve_selection(sp)
     if res.status == "infeasible" or res.widths is None:
         smallest = {f["name"]: min(f["widths"]) for f in problem["families"]}
         floor = total(terms, sizes, smallest) + constant
         raise ConfigError(f"budget {budget} ({limit:.6g}) cannot be met: the smallest network "
                          f"the selection allows costs {floor:.6g} ({floor / dense_cost:.3f} of "
                          f"dense); allow more (--granularity, --remove-blocks) or raise it")
-    heuristic = greedy(sp)
+    heuristic = greedy(sp)  # against the exact optimum of the same (unrestricted) problem
+    optimum = search["candidates"][-1]["value"] if search else res.value
     masks = widths_to_masks(fams, scores, res.widths, block_carriers)
     rec = {"rule": "budget", "budget": str(budget), "cost_kind": budget.kind,
            "budget_abs": limit, "dense_cost": dense_cost, "cost_predicted": res.cost,
            "cost_ratio_predicted": res.cost / dense_cost, "value": res.value,
            "status": res.status, "gap": res.gap, "solver_seconds": res.seconds,
            "greedy": {"value": heuristic.value, "cost": heuristic.cost,
-                      "status": heuristic.status},
+                      "status": heuristic.status, "milp_value": optimum},
            "granularity": cfg.granularity, "remove_blocks": cfg.remove_blocks,
            "score": method.score_name(run), "widths": dict(res.widths),
            "blocks_removed": sorted(b for b, c in block_carriers.items() if res.widths[c] == 0),
            "removed": {n: int((~m).sum()) for n, m in masks.items()}}
     if table_info is not None:
         rec["latency_table"] = table_info
+    if search is not None:
+        rec["depth_search"] = search
     rec["summary"] = (
         f"budget {budget}: {budget.kind} {res.cost:.6g} of {limit:.6g} allowed "
         f"({res.cost / dense_cost:.3f} of dense), MILP {res.status} (gap "
         f"{'unknown' if res.gap is None else format(res.gap, '.1e')}), "
         f"score {rec['score']}, granularity {cfg.granularity}, "
-        f"{len(rec['blocks_removed'])} blocks removed; greedy would keep value "
-        f"{heuristic.value:.4g} vs {res.value:.4g}")
+        f"{len(rec['blocks_removed'])} blocks removed"
+        + (f" (depth searched: {len(search['candidates'])} MILPs, calibration acc "
+           f"{100 * search['calibration_acc']:.2f}%)" if search else "") + f"; greedy would keep value "
+        f"{heuristic.value:.4g} vs the MILP's {optimum:.4g}")
     return masks, rec

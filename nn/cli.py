@@ -156,7 +156,7 @@ OPTIONS = {
     "--reference": ("options", "reference", dict(
         help="checkpoint/state_dict whose weights set M (default: the initial weights)")),
     "--group": ("options", "group", dict(type=argtype("--group", int, 1), help="structures per "
-                "SPR group, trained and kept together (pair with --granularity)")),
+                "SPR group or gate, trained and kept together (pair with --granularity)")),
     "--score": ("options", "score", dict(choices=("norm", "z"),
                                          help="ranking: group norm t_j or z*_j")),
     "--theta-lr": ("options", "theta_lr", dict(type=argtype("--theta-lr", float, 0, True),
@@ -187,6 +187,10 @@ OPTIONS = {
         type=argtype("--granularity", int, 1), help="budget: kept counts are multiples of G")),
     "--remove-blocks": ("selection", "remove_blocks", dict(
         action="store_true", help="budget: whole residual blocks may be removed")),
+    "--depth": ("selection", "depth", dict(
+        choices=("search", "value"), help="budget with --remove-blocks: how many blocks go -- "
+        "search: the exact optimum at every depth, the most accurate on the calibration "
+        "images wins; value: the one optimum of the summed scores")),
     "--latency-table": ("selection", "latency_table", dict(
         help="budget latency: the table to read (default: measured now, or the cached one)")),
     "--device": ("runtime", "device", dict(help="auto, cpu, cuda, cuda:N")),

@@ -32,6 +32,7 @@ class ConfigError(ValueError):
 
 
 RULES = ("auto", "bisection", "mac-target", "budget")
+DEPTH_RULES = ("search", "value")  # how a budgeted selection with removable blocks picks its depth
 """Selection rules: ``auto`` is ``budget`` when a budget is given, else the method's own
 (:attr:`nn.methods.Method.rule`)."""
 KINDS_PRUNED = (("filter",), ("stream",), ("filter", "stream"))
@@ -156,8 +157,11 @@ class SelectionConfig:
     ``mac_target`` the fraction of dense MACs kept (MAC target); ``budget`` a stated budget
     (:class:`nn.budget.Budget` text: ``macs=0.4``, ``params=0.3``, ``latency=0.5``,
     ``latency=12ms``) met exactly by the OR layer's selection, with kept counts from multiples
-    of ``granularity`` and, with ``remove_blocks``, whole blocks removable; ``latency_table``
-    the table a latency budget reads (None: measured, or found in the cache)."""
+    of ``granularity`` and, with ``remove_blocks``, whole blocks removable; ``depth`` how many
+    blocks go (:data:`DEPTH_RULES`: ``search`` -- the exact optimum at every depth, the one most
+    accurate on the calibration images wins; ``value`` -- the single optimum of the value
+    model); ``latency_table`` the table a latency budget reads (None: measured, or found in the
+    cache)."""
 
     rule: str = "auto"
     tolerance: float = 0.5
@@ -166,6 +170,7 @@ class SelectionConfig:
     budget: str | None = None
     granularity: int = 1
     remove_blocks: bool = False
+    depth: str = "search"
     latency_table: str | None = None
 
     def __post_init__(self):
@@ -176,6 +181,10 @@ class SelectionConfig:
         number("mac_target", self.mac_target, 0, 1, open_lo=True)
         integer("bisect_images", self.bisect_images, 1)
         integer("granularity", self.granularity, 1)
+        choice("depth", self.depth, DEPTH_RULES)
+        if self.depth != "search" and not self.remove_blocks:
+            raise ValueError(f"depth {self.depth!r} chooses how many blocks are removed: give "
+                             f"remove_blocks (--remove-blocks) too")
         if self.budget is not None:
             object.__setattr__(self, "budget", str(Budget.parse(self.budget)))
         if self.rule not in ("auto", "budget") and self.budget is not None \

@@ -176,7 +176,10 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device):
               [f for f in structures if f.kind in cfg.method.structures],
               {"macs": count_macs(model, input_size), "params": count_params(model)},
               bundle, rank, world, device, len(train_loader))
-    training = method.training(run)
+    try:  # settings that only the model can judge (a group size that must divide its widths)
+        training = method.training(run)
+    except ValueError as e:
+        raise ConfigError(f"--method {method.name}: {e}") from None
     stages = {}
 
     # ---- 1. training with the method's hooks ---------------------------------------------------

@@ -492,11 +492,40 @@ def test_a_stated_budget_is_met_exactly(tmp_path, method, budget, extra):
     assert sel["rule"] == "budget" and sel["status"] == "optimal" and sel["gap"] <= 1e-6
     assert c["pruned"][kind] == pytest.approx(sel["cost_predicted"], rel=1e-9)
     assert 0.9 * float(frac) <= c[f"{kind}_ratio"] <= float(frac) + 1e-12
-    assert sel["greedy"]["value"] <= sel["value"] + 1e-9
+    assert sel["greedy"]["value"] <= sel["greedy"]["milp_value"] + 1e-9
     if extra.get("granularity"):  # family sizes here are 4, 8, 16: every candidate is even
         assert all(w % 2 == 0 for w in sel["widths"].values())
     blocks = [b for b in report["blocks"] if b["branch"] == "removed"]
     assert len(blocks) == len(sel["blocks_removed"])
+
+
+def test_depth_search_picks_the_most_accurate_optimum_over_depths(tmp_path):
+    """With removable blocks, one exact optimum per depth (only the ``m`` least harmful blocks
+    may go), the most accurate on the calibration images chosen; ``depth value`` is the last,
+    unrestricted candidate."""
+    cfg = tiny(tmp_path, "l1-filter")
+    sel = {**cfg.selection.__dict__, "budget": "macs=0.4", "remove_blocks": True}
+    rep = run_pipeline(RunConfig(**{**cfg.__dict__, "selection": sel}))["selection"]
+    s = rep["depth_search"]
+    without = s["accuracy_without"]
+    assert sorted(without) == sorted(s["ranked"]) and len(without) == 7  # strided: kept
+    assert [without[b] for b in s["ranked"]] == sorted(without.values(), reverse=True)
+    cands = s["candidates"]
+    assert len(cands) == 8 and cands[0]["removable"] == []
+    for m, c in enumerate(cands):
+        assert c["removable"] == s["ranked"][:m]
+        if c["status"] != "infeasible":
+            assert set(c["blocks_removed"]) <= set(c["removable"])
+    feasible = [c for c in cands if c["status"] != "infeasible"]
+    best = max(c["calibration_acc"] for c in feasible)
+    chosen = cands[s["chosen"]]
+    assert chosen["calibration_acc"] == best == s["calibration_acc"]
+    assert rep["value"] == chosen["value"] and rep["blocks_removed"] == chosen["blocks_removed"]
+    # depth value: the single optimum of the value model, the unrestricted candidate
+    cfg2 = tiny(tmp_path / "v", "l1-filter")
+    rep2 = run_pipeline(RunConfig(**{**cfg2.__dict__, "selection": {**sel, "depth": "value"}}))
+    assert "depth_search" not in rep2["selection"]
+    assert rep2["selection"]["value"] == pytest.approx(cands[-1]["value"], rel=1e-9)
 
 
 def test_a_budget_that_cannot_be_met_is_one_line_and_exit_2(tmp_path, capsys):
@@ -510,6 +539,21 @@ def test_a_budget_that_cannot_be_met_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert "cannot be met" in err and "smallest network" in err
+
+
+@pytest.mark.parametrize("method", ["spr", "variational"])
+def test_a_group_that_does_not_divide_the_widths_is_one_line_and_exit_2(tmp_path, capsys,
+                                                                         method):
+    argv = ["train", "--method", method, "--model", "resnet20", "--width", "0.25", "--data",
+            "synthetic", "--synthetic", "n_train=64,n_test=32,image_size=8,num_classes=4",
+            "--epochs", "1", "--finetune-epochs", "0", "--batch-size", "32", "--group", "3",
+            "--latency-batches", "", "--no-progress", "--device", "cpu",
+            "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"--method {method}: group 3 does not divide family 'layer1.0.conv1'" in err
 
 
 def test_latency_cost_and_latency_budget_end_to_end(tmp_path):

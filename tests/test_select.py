@@ -173,6 +173,41 @@ def test_infeasible_budget_is_reported_not_relaxed():
         assert json.loads(json.dumps(r.to_json(), allow_nan=False))["widths"] is None
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_restricted_equals_brute_force_over_the_allowed_choices(seed):
+    # restricting widths keeps every term aligned with the rows it keeps: the restricted
+    # problem's value and cost of a choice are the full problem's at the same widths
+    p = random_selection(4, 4, seed=seed, budget_fraction=0.5)
+    rng = np.random.default_rng(seed)
+    allowed = {f.name: rng.choice(f.widths, size=max(1, len(f.widths) // 2), replace=False)
+               for f in p.families[::2]}
+    q = p.restricted(allowed)
+    best = None
+    for choice in np.ndindex(*p.sizes):
+        w = p.widths_of(choice)
+        if any(w[n] not in set(a.tolist()) for n, a in allowed.items()):
+            continue
+        value, cost = p.evaluate(choice)
+        assert q.evaluate(q.choice_of(w)) == pytest.approx((value, cost), abs=1e-12)
+        if p.fits(cost) and (best is None or value > best):
+            best = value
+    r = solve_selection(q, gap=0.0)
+    assert (r.status == "infeasible") == (best is None)
+    if best is not None:
+        assert _same_value(r.value, best)
+        assert all(r.widths[n] in set(a.tolist()) for n, a in allowed.items())
+
+
+def test_restricted_names_the_bad_family_or_width():
+    p = SelectionProblem((Family("a", [0, 4, 8], [0.0, 1.0, 2.0]),), 10.0)
+    with pytest.raises(ValueError, match="unknown family 'b'"):
+        p.restricted({"b": [4]})
+    with pytest.raises(ValueError, match=r"'a' has widths \[0, 4, 8\], got \[3\]"):
+        p.restricted({"a": [3]})
+    with pytest.raises(ValueError, match="got \\[\\]"):
+        p.restricted({"a": []})
+
+
 # ---- greedy, brute force ----------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(30))
 def test_greedy_is_feasible_and_never_beats_the_milp(seed):

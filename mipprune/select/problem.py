@@ -268,6 +268,32 @@ class SelectionProblem:
             out.append(int(hit[0]))
         return np.array(out, dtype=np.int64)
 
+    def restricted(self, allowed: dict) -> "SelectionProblem":
+        """The same problem with family ``name`` limited to the widths ``allowed[name]`` (an
+        iterable of its widths, at least one); every term follows.  Families not named keep
+        all their widths.  ``ValueError`` for an unknown family or width, or an empty set."""
+        keep = {}
+        for name, widths in allowed.items():
+            if name not in self.index:
+                raise ValueError(f"restricted: unknown family {name!r}")
+            f, ws = self.families[self.index[name]], sorted(set(widths))
+            bad = [w for w in ws if w not in set(f.widths.tolist())]
+            if bad or not ws:
+                raise ValueError(f"restricted: family {name!r} has widths {f.widths.tolist()}, "
+                                 f"got {sorted(set(widths))}")
+            keep[name] = np.flatnonzero(np.isin(f.widths, ws))
+
+        def rows(name):
+            return keep.get(name, slice(None))
+
+        fams = tuple(Family(f.name, f.widths[rows(f.name)], f.value[rows(f.name)])
+                     for f in self.families)
+        un = tuple(Unary(u.family, u.cost[rows(u.family)]) for u in self.unary)
+        pw = tuple(Pairwise(p.a, p.b, *(None if m is None else m[rows(p.a)][:, rows(p.b)]
+                                        for m in (p.cost, p.value)))
+                   for p in self.pairwise)
+        return SelectionProblem(fams, self.budget, un, pw, self.constant)
+
     # ---- JSON ---------------------------------------------------------------------------------
     @classmethod
     def from_json(cls, d) -> "SelectionProblem":
