@@ -7,7 +7,8 @@ of ``--batches``:
 
 * **latency budgets** (``--latency``): ``python -m nn train --budget latency=F --remove-blocks
   --granularity G``'s selection (:func:`nn.budget.select_to_budget`, with the latency table of
-  that batch measured or read from the cache), the network compressed and BN-folded, then the
+  that batch measured or read from the cache; ``--depth value``: at random initialisation
+  there is no accuracy to search the depth on), the network compressed and BN-folded, then the
   dense and every selected network timed together (:func:`nn.latency.measure_networks`:
   interleaved rounds, medians, warm-up excluded).  Reported: measured latency / dense against
   the budget (goal: within 10%).
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
         plans = []  # (label, kind, budget, masks, selection record)
         for f in args.latency:
             run = _run(model, structures, batch, args, {
-                "budget": f"latency={f}", "remove_blocks": True,
+                "budget": f"latency={f}", "remove_blocks": True, "depth": "value",
                 "granularity": args.granularity})
             scores = method.scores(run, Training(model))
             masks, rec = select_to_budget(run, method, scores)
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
             plans.append((f"mac-target {f} (before)", "macs", f,
                           _mac_target(run, method, scores, f), None))
             run = _run(model, structures, batch, args, {
-                "budget": f"macs={f}", "remove_blocks": True, "granularity": args.granularity})
+                "budget": f"macs={f}", "remove_blocks": True, "depth": "value",
+                "granularity": args.granularity})
             masks, rec = select_to_budget(run, method, scores)
             plans.append((f"macs={f} blocks g{args.granularity}", "macs", f, masks, rec))
         nets = [inference_form(compress(model, {}))] + [

@@ -241,6 +241,9 @@ def depth_search(run, sp, families, scores: dict[str, torch.Tensor],
     from nn.evaluation import evaluate
     from nn.models import apply_masks
 
+    if run.bundle is None:
+        raise ValueError("the depth search evaluates candidates on calibration images and this "
+                         "run has no data: use depth 'value'")
     sub = run.calibration()
 
     def accuracy(masks):
