@@ -8,7 +8,9 @@ Modules, one concept each: ``penalty`` (the closed-form SPR), ``instance`` (the 
 ``models`` (Pyomo models), ``highs`` (everything that talks to HiGHS), ``bounds`` (root big-M
 and perspective bounds), ``enumerate`` (the optimum by enumerating z), ``relax`` (node
 relaxations), ``bnb`` (branch and bound), ``scip`` (the optional external peer), ``select``
-(width selection under a budget: the MILP, brute force, greedy), ``validate`` and ``cli``.
+(width selection under a budget: the MILP, brute force, greedy), ``validate`` and ``cli``;
+``deadline`` (one time limit shared by every phase of a solve), ``status`` (how a finished
+solve is named) and ``jsonio`` (the command line's JSON in and out).
 Once loaded, the submodule ``mipprune.enumerate`` is a global of this file: do not call the
 builtin ``enumerate`` here.
 """

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .deadline import Deadline
 from .instance import Instance
 from .relax import BOUNDS, FREE, IN, OUT, NodeRelaxation
+from .status import converged_status
 
 __all__ = ["BnBResult", "branch_and_bound"]
 
@@ -39,7 +41,8 @@ class BnBResult:
     gap: float            # (objective - lower_bound) / max(|objective|, 1e-10)
     nodes: int            # node relaxations solved
     seconds: float
-    status: str           # "optimal" (gap <= gap_tol), "time_limit" or "node_limit"
+    status: str           # "optimal" (gap <= status.OPTIMAL_GAP), "within_tolerance" (<= gap_tol),
+                          # "time_limit", "node_limit" or "gap_not_closed"
     root_bound: float     # lower bound at the root node
     bounds: str           # "perspective" or "bigm"
 
@@ -50,17 +53,25 @@ def _rounded(inst: Instance, w):
 
 
 def branch_and_bound(instance: Instance, bounds: str = "perspective", gap_tol: float = 1e-6,
-                     time_limit: float | None = None, node_limit: int | None = None,
+                     time_limit: float | Deadline | None = None, node_limit: int | None = None,
                      progress: bool = False) -> BnBResult:
-    """Solve (P) to a relative gap of ``gap_tol`` (default 1e-6)."""
+    """Solve (P) to a relative gap of ``gap_tol`` (default 1e-6).
+
+    ``time_limit``: seconds from the call, or a :class:`Deadline` shared with earlier phases;
+    every node relaxation stops at it too, so the call returns within a few milliseconds of it
+    (status ``time_limit``, with the incumbent and its certified bound).  The status is
+    ``optimal`` only for a gap of at most ``status.OPTIMAL_GAP``; a looser ``gap_tol`` reached
+    is ``within_tolerance``.
+    """
     if bounds not in BOUNDS:
         raise ValueError(f"bounds must be one of {BOUNDS}, got {bounds!r}")
     if not (0 <= gap_tol < 1):
         raise ValueError(f"gap_tol must be in [0, 1), got {gap_tol}")
     for name, val in (("time_limit", time_limit), ("node_limit", node_limit)):
-        if val is not None and val <= 0:
+        if val is not None and not isinstance(val, Deadline) and val <= 0:
             raise ValueError(f"{name} must be positive, got {val}")
     t0 = time.perf_counter()
+    deadline = Deadline.of(time_limit)
     inst = instance
     G = inst.n_groups
     relax = NodeRelaxation(inst, bounds)
@@ -84,7 +95,7 @@ def branch_and_bound(instance: Instance, bounds: str = "perspective", gap_tol: f
         if key in polished:
             return
         polished.add(key)
-        res = relax.solve(np.where(z > 0, IN, OUT), None, rtol=node_rtol)
+        res = relax.solve(np.where(z > 0, IN, OUT), None, rtol=node_rtol, deadline=deadline)
         offer(res.w, z, inst.objective(res.w, z))
 
     counter = itertools.count()
@@ -104,14 +115,14 @@ def branch_and_bound(instance: Instance, bounds: str = "perspective", gap_tol: f
             closed_min = min(closed_min, heap[0][0])
             heap.clear()
             break
-        if time_limit is not None and time.perf_counter() - t0 > time_limit:
+        if deadline.expired():
             status = "time_limit"
             break
         if node_limit is not None and nodes >= node_limit:
             status = "node_limit"
             break
         lb, neg_depth, _, st, w0 = heapq.heappop(heap)
-        res = relax.solve(st, w0, cutoff=cutoff, rtol=node_rtol)
+        res = relax.solve(st, w0, cutoff=cutoff, rtol=node_rtol, deadline=deadline)
         nodes += 1
         nlb = max(lb, res.lower_bound)
         if nodes == 1:
@@ -147,5 +158,7 @@ def branch_and_bound(instance: Instance, bounds: str = "perspective", gap_tol: f
     gap = (objective - lower) / max(abs(objective), 1e-10)
     if status == "optimal" and gap > gap_tol * (1 + 1e-9):
         status = "gap_not_closed"  # only if a node hit its iteration limit
+    elif status == "optimal":
+        status = converged_status(gap)
     return BnBResult(objective, best_w, best_z, float(lower), float(max(gap, 0.0)), nodes,
                      time.perf_counter() - t0, status, float(root_bound), bounds)

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import models
 from .bounds import Relaxation, _in_box
+from .deadline import Deadline
 from .highs import _HighsBoxQP, _solve_highs
 from .instance import Instance
 
@@ -29,7 +30,10 @@ __all__ = ["Enumeration", "enumerate_solve", "solve_fixed_z"]
 @dataclass(frozen=True)
 class Enumeration:
     """Optimum of (P) by enumeration: ``patterns`` = 2^G z-vectors accounted for,
-    ``qp_solves`` = how many went to a HiGHS QP (the others were settled in numpy)."""
+    ``qp_solves`` = how many went to a HiGHS QP (the others were settled in numpy).
+    ``status`` is ``optimal``, or ``time_limit`` when the time limit stopped it first: then
+    ``value``, ``w``, ``z`` are the best pattern found (no optimality claim) and ``patterns``
+    those examined."""
 
     value: float
     w: np.ndarray
@@ -37,10 +41,11 @@ class Enumeration:
     seconds: float
     patterns: int
     qp_solves: int
+    status: str = "optimal"
 
 
 def enumerate_solve(instance: Instance, max_groups: int = 16, method: str = "fast",
-                    chunk: int = 4096) -> Enumeration:
+                    chunk: int = 4096, time_limit: float | Deadline | None = None) -> Enumeration:
     """Optimum of (P) by enumerating all 2^G patterns z; for each, the convex box-QP
 
         min  f(w) + sum_{j: z_j=1} a_j||w_j||^2 + b^T z    s.t.  w_j = 0 (z_j = 0),
@@ -56,6 +61,9 @@ def enumerate_solve(instance: Instance, max_groups: int = 16, method: str = "fas
     by HiGHS (highspy, one model built once, column bounds changed per pattern) in order of
     their bound until the bound reaches the incumbent.  H not positive definite (a = 0 and
     singular Q): every pattern goes to HiGHS.
+
+    ``time_limit`` (seconds, or a :class:`Deadline` shared with earlier phases) is checked
+    between batches of patterns and passed to HiGHS.
     """
     G = instance.n_groups
     if G > max_groups:
@@ -63,11 +71,14 @@ def enumerate_solve(instance: Instance, max_groups: int = 16, method: str = "fas
     if method not in ("fast", "pyomo"):
         raise ValueError(f"method must be 'fast' or 'pyomo', got {method!r}")
     t0 = time.perf_counter()
+    deadline = Deadline.of(time_limit)
     if method == "pyomo":
-        value, w, z, qps = _enumerate_pyomo(instance)
+        value, w, z, qps, seen = _enumerate_pyomo(instance, deadline)
     else:
-        value, w, z, qps = _enumerate_fast(instance, int(chunk))
-    return Enumeration(value, w, z, time.perf_counter() - t0, 2 ** G, qps)
+        value, w, z, qps, seen = _enumerate_fast(instance, int(chunk), deadline)
+    status = "optimal" if seen is None else "time_limit"
+    return Enumeration(value, w, z, time.perf_counter() - t0, 2 ** G if seen is None else seen, qps,
+                       status)
 
 
 def solve_fixed_z(instance: Instance, z) -> Relaxation:
@@ -102,11 +113,16 @@ def solve_fixed_z(instance: Instance, z) -> Relaxation:
     return Relaxation(instance.objective(w, z), w, z, time.perf_counter() - t0)
 
 
-def _enumerate_pyomo(instance):
+def _enumerate_pyomo(instance, deadline):
+    """(value, w, z, QP solves, None), or the pattern count examined in place of None when the
+    deadline stopped it (as ``_enumerate_fast``)."""
     model = models.build_bigm(instance, relax=True)
     G = instance.n_groups
-    best = (np.inf, None, None)
+    zero = np.zeros(G)
+    best = (instance.objective(np.zeros(instance.n), zero), np.zeros(instance.n), zero)
     for code in range(2 ** G):
+        if deadline.expired():
+            return best + (code, code)
         z = np.array([(code >> j) & 1 for j in range(G)], dtype=float)
         models.fix_pattern(model, z)
         _solve_highs(model, f"pattern {z.astype(int).tolist()} QP")
@@ -115,10 +131,12 @@ def _enumerate_pyomo(instance):
         val = instance.objective(w, z)
         if val < best[0]:
             best = (val, w, z)
-    return best + (2 ** G,)
+    return best + (2 ** G, None)
 
 
-def _enumerate_fast(instance, chunk):
+def _enumerate_fast(instance, chunk, deadline):
+    """(value, w, z, QP solves, None); in place of None, the number of patterns examined when
+    the deadline stopped it first."""
     G, n = instance.n_groups, instance.n
     gof = instance.group_of()
     Mv = instance.M[gof]
@@ -132,7 +150,9 @@ def _enumerate_fast(instance, chunk):
         keep = z[gof] > 0
         if not qp:
             qp.append(_HighsBoxQP(H, c))
-        w = qp[0].solve(np.where(keep, -Mv, 0.0), np.where(keep, Mv, 0.0))
+        w = qp[0].solve(np.where(keep, -Mv, 0.0), np.where(keep, Mv, 0.0), deadline)
+        if w is None:
+            return None, None
         w = np.clip(w, -Mv, Mv) * keep
         return instance.objective(w, z), w
 
@@ -140,16 +160,21 @@ def _enumerate_fast(instance, chunk):
     best_val, best_w, best_z = instance.objective(np.zeros(n), zero), np.zeros(n), zero
     pending = []  # (lower bound, z) of box-violating patterns
     qps = 0
+    seen = 1  # patterns examined (the empty one so far)
     for size in range(1, G + 1):
         combos = np.array(list(combinations(range(G), size)), dtype=np.int64)
         if not pd:
             for row in combos:
                 pending.append((-np.inf, row))
+            seen += len(combos)
             continue
         # variable indices of each pattern's kept groups (groups may differ in size: pad by
         # pointing at a dummy row of an identity extension)
         for start in range(0, len(combos), chunk):
+            if deadline.expired():
+                return best_val, best_w, best_z, qps, seen
             rows = combos[start:start + chunk]
+            seen += len(rows)
             idx, valid = _gather(instance, rows)
             ragged = not valid.all()  # groups of different sizes: padded slots
             Hs = H[idx[:, :, None], idx[:, None, :]]
@@ -190,11 +215,13 @@ def _enumerate_fast(instance, chunk):
             break
         z = np.zeros(G)
         z[row] = 1.0
-        val, w = qp_pattern(z)
+        val, w = qp_pattern(z) if not deadline.expired() else (None, None)
+        if val is None:
+            return best_val, best_w, best_z, qps, seen
         qps += 1
         if val < best_val:
             best_val, best_w, best_z = val, w, z
-    return best_val, best_w, best_z, qps
+    return best_val, best_w, best_z, qps, None
 
 
 def _gather(instance, rows):

@@ -16,6 +16,9 @@ neither.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 
 __all__ = ["highs_solver"]
@@ -64,6 +67,33 @@ def _solve_highs(model, what: str):
                        f"{res.termination_condition.name}")
 
 
+_BANNER_SHOWN = False
+
+
+def _new_highs():
+    """A silent ``highspy.Highs``.  The first construction in a process prints HiGHS' banner on
+    file descriptor 1 whatever the options; it is sent to /dev/null so ``--json`` output stays
+    clean."""
+    global _BANNER_SHOWN
+    import highspy
+
+    if _BANNER_SHOWN:
+        h = highspy.Highs()
+    else:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 1)
+                h = highspy.Highs()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        _BANNER_SHOWN = True
+    h.setOptionValue("output_flag", False)
+    return h
+
+
 # HiGHS' default regularization first; an iteration cap cuts off the rare stalls of the
 # active-set method (one regularization can stall on a QP the other solves quickly), then the
 # same without a cap.
@@ -77,8 +107,7 @@ class _HighsBoxQP:
     def __init__(self, H, c):
         import highspy
 
-        self.h = h = highspy.Highs()
-        h.setOptionValue("output_flag", False)
+        self.h = h = _new_highs()
         h.setOptionValue("threads", 1)
         n = c.shape[0]
         self.n = n
@@ -98,14 +127,20 @@ class _HighsBoxQP:
         self._ok = highspy.HighsModelStatus.kOptimal
         self._idx = np.arange(n, dtype=np.int32)
 
-    def solve(self, lo, hi):
+    def solve(self, lo, hi, deadline=None):
+        """The minimiser for column bounds ``lo``, ``hi``; None when ``deadline`` (a
+        :class:`~mipprune.deadline.Deadline`) stops HiGHS first."""
         h = self.h
         h.changeColsBounds(self.n, self._idx, np.asarray(lo, float), np.asarray(hi, float))
         for options in _QP_ATTEMPTS:  # same retries as the Pyomo route (see _solve_highs)
             for key, val in options.items():
                 h.setOptionValue(key, val)
+            if deadline is not None:
+                deadline.watch(h)
             h.run()
             status = h.getModelStatus()
             if status == self._ok:
                 return np.array(h.getSolution().col_value, dtype=float)
+            if deadline is not None and deadline.expired():
+                return None
         raise RuntimeError(f"HiGHS did not solve an enumeration QP: {h.modelStatusToString(status)}")

@@ -6,11 +6,18 @@
 Groups partition the variable indices ``0..n-1``.  ``const`` is an optional offset (least squares
 keeps ``||Y||^2/(2n)`` there so objectives are the true loss); it is written to JSON only when
 non-zero, so the JSON form is exactly ``{"Q", "c", "groups", "a", "b", "M"}`` otherwise.
+
+Every number must be finite and of magnitude at most ``MAX_ABS = 1e15`` (HiGHS' largest matrix
+value; beyond about 1e20 it reads costs and bounds as infinite).  Within it, the objective at
+any point of the box ``|w_i| <= M_j`` stays far below the float range, so no solver overflows:
+``c = 1e308`` or ``Q = 1e200 I`` are rejected here, naming the entry, not reported as
+``-inf ... optimal`` later.  Booleans and strings are not numbers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,21 +26,91 @@ import numpy as np
 __all__ = ["Instance", "least_squares_instance", "random_instance"]
 
 _PSD_TOL = 1e-9
+MAX_ABS = 1e15  # largest magnitude of a number in an instance (module docstring)
+_NUMBERS = (int, float, np.integer, np.floating)
+
+
+def _bad_entry(x, at=()):
+    """Index and value of the first entry of ``x`` (nested lists or arrays) that is not a
+    number -- booleans and strings are not -- or None when every entry is one."""
+    if isinstance(x, np.ndarray):
+        return None if x.dtype.kind in "iuf" else (at, x)
+    if isinstance(x, (list, tuple)):
+        if all(issubclass(t, _NUMBERS) and not issubclass(t, (bool, np.bool_)) for t in set(map(type, x))):
+            return None
+        for i, v in enumerate(x):
+            bad = _bad_entry(v, at + (i,))
+            if bad is not None:
+                return bad
+        return None
+    return None if isinstance(x, _NUMBERS) and not isinstance(x, (bool, np.bool_)) else (at, x)
 
 
 def _array(name, x, ndim):
+    """``x`` as a read-only float array of ``ndim`` dimensions; ``ValueError`` naming the first
+    bad entry: not a number, not finite, or of magnitude above ``MAX_ABS``."""
+    bad = _bad_entry(x)
+    if bad is not None:
+        at, v = bad
+        if not at:
+            raise ValueError(f"{name} must be numeric, got {x!r:.80}")
+        raise ValueError(f"{name}[{', '.join(map(str, at))}] must be a number, got {v!r:.60}")
     try:
         arr = np.array(x, dtype=float)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be numeric, got {x!r:.80}") from exc
+    except OverflowError:
+        raise ValueError(f"{name} has an integer too large for a float (the numbers of an "
+                         f"instance must lie in [-{MAX_ABS:g}, {MAX_ABS:g}])") from None
+    except (TypeError, ValueError) as exc:  # ragged nesting
+        raise ValueError(f"{name} must be a {ndim}-dimensional array of numbers, got {x!r:.80}") from exc
     if arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {arr.shape}")
     bad = ~np.isfinite(arr)
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(f"{name} has a non-finite entry {arr[idx]} at index {idx}")
+    big = np.abs(arr) > MAX_ABS
+    if big.any():
+        idx = tuple(int(i) for i in np.argwhere(big)[0])
+        raise ValueError(f"{name} has an entry {arr[idx]:g} at index {idx}: the numbers of an "
+                         f"instance must lie in [-{MAX_ABS:g}, {MAX_ABS:g}]")
     arr.setflags(write=False)
     return arr
+
+
+def _scalar(name, x) -> float:
+    """``x`` as a float: a number (not a boolean or a string), finite, of magnitude <= MAX_ABS."""
+    if isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype.kind in "iuf":
+        x = x[()]
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, _NUMBERS):
+        raise ValueError(f"{name} must be a number, got {x!r:.60}")
+    try:
+        x = float(x)
+    except OverflowError:
+        x = math.inf
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    if abs(x) > MAX_ABS:
+        raise ValueError(f"{name} = {x:g} is too large: the numbers of an instance must lie in "
+                         f"[-{MAX_ABS:g}, {MAX_ABS:g}]")
+    return x
+
+
+def _check_psd(Q) -> None:
+    """``ValueError`` unless Q is positive semidefinite up to ``_PSD_TOL * max(1, max|Q|)``:
+    a Cholesky factorisation of ``Q + tol I`` (a third of an eigendecomposition's work) decides,
+    the smallest eigenvalue is computed only to name it."""
+    n = Q.shape[0]
+    if not n:
+        return
+    tol = _PSD_TOL * max(1.0, float(np.abs(Q).max()))
+    try:
+        np.linalg.cholesky(Q + tol * np.eye(n))
+        return
+    except np.linalg.LinAlgError:
+        pass
+    lam = float(np.linalg.eigvalsh(Q).min())
+    if lam < -tol:
+        raise ValueError(f"Q must be positive semidefinite, smallest eigenvalue {lam:.3g}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,16 +138,15 @@ class Instance:
         if asym > 1e-9 * max(1.0, np.abs(Q).max()):
             raise ValueError(f"Q must be symmetric, max |Q - Q^T| = {asym:.3g}")
         Q = _array("Q", (Q + Q.T) / 2, 2)
-        if n:
-            lam = float(np.linalg.eigvalsh(Q).min())
-            if lam < -_PSD_TOL * max(1.0, np.abs(Q).max()):
-                raise ValueError(f"Q must be positive semidefinite, smallest eigenvalue {lam:.3g}")
+        _check_psd(Q)
         groups = self._check_groups(self.groups, n)
         G = len(groups)
         vals = {}
         for name in ("a", "b", "M"):
-            arr = _array(name, np.broadcast_to(np.asarray(getattr(self, name), float), (G,))
-                         if np.ndim(getattr(self, name)) == 0 else getattr(self, name), 1)
+            x = getattr(self, name)
+            if np.ndim(x) == 0:  # one number for every group
+                x = np.broadcast_to(_array(name, x, 0), (G,))
+            arr = _array(name, x, 1)
             if arr.shape != (G,):
                 raise ValueError(f"{name} must have one entry per group ({G}), got {arr.shape[0]}")
             vals[name] = arr
@@ -81,9 +157,7 @@ class Instance:
         if (vals["M"] <= 0).any():
             j = int(np.argmin(vals["M"]))
             raise ValueError(f"M must be > 0, got M[{j}] = {vals['M'][j]}")
-        const = float(self.const)
-        if not np.isfinite(const):
-            raise ValueError(f"const must be finite, got {const}")
+        const = _scalar("const", self.const)
         kmax = max(len(g) for g in groups) if groups else 0
         index = np.full((G, kmax), -1, dtype=np.int64)
         for j, g in enumerate(groups):
@@ -125,6 +199,25 @@ class Instance:
             raise ValueError(f"groups must partition the variables: index {int(np.argmin(seen))} "
                              "is in no group")
         return groups
+
+    @property
+    def lipschitz(self) -> float:
+        """The largest eigenvalue of Q (at least 1e-12): the Lipschitz constant of grad f.
+        Exact (LAPACK) up to 500 variables, Lanczos beyond (a Ritz value, converged to machine
+        precision); computed once."""
+        cached = self.__dict__.get("_lipschitz")
+        if cached is None:
+            n = self.n
+            if n <= 500:
+                lam = float(np.linalg.eigvalsh(self.Q).max()) if n else 0.0
+            else:
+                from scipy.sparse.linalg import eigsh
+
+                v0 = np.random.default_rng(0).standard_normal(n)  # deterministic start
+                lam = float(eigsh(self.Q, k=1, which="LA", v0=v0, return_eigenvectors=False)[0])
+            cached = max(lam, 1e-12)
+            object.__setattr__(self, "_lipschitz", cached)
+        return cached
 
     # ---- sizes and group views -------------------------------------------------------------
     @property
@@ -193,15 +286,37 @@ class Instance:
 
     @classmethod
     def load(cls, path) -> "Instance":
-        try:
-            d = json.loads(Path(path).read_text())
-        except OSError as exc:
-            raise ValueError(f"cannot read instance file {path}: {exc.strerror}") from exc
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"instance file {path} is not text (JSON expected): {exc.reason}") from exc
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"instance file {path} is not valid JSON: {exc}") from exc
-        return cls.from_dict(d)
+        """The instance in JSON file ``path`` (``"-"``: standard input); every way of failing to
+        read, parse or validate it is a one-line ``ValueError`` (:func:`jsonio.read_json`)."""
+        from .jsonio import read_json
+
+        return cls.from_dict(read_json(str(path), "instance file"))
+
+
+_BYTES_PER_ENTRY = 128  # a dense n x n instance: Q and its copies while validated, then its JSON
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now (Linux: MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_memory(n: int, what: str) -> None:
+    """``ValueError`` before allocating when a dense instance of ``n`` variables (its Q, the
+    copies made while validating it, and its JSON text) cannot fit in the memory available."""
+    need = _BYTES_PER_ENTRY * n * n
+    avail = _available_memory()
+    if avail is not None and need > avail:
+        raise ValueError(f"{what} make {n} variables: a dense instance of that size needs about "
+                         f"{need / 2**30:.3g} GiB, more than the {avail / 2**30:.3g} GiB of "
+                         "memory available")
 
 
 def least_squares_instance(X, Y, a, b, M, groups: str = "inputs") -> Instance:
@@ -251,6 +366,7 @@ def random_instance(n_groups: int, group_size: int = 3, seed: int = 0,
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     if not (0 <= rho < 1):
         raise ValueError(f"rho must be in [0, 1), got {rho}")
+    _check_memory(int(n_groups) * int(group_size), f"{n_groups} groups of {group_size}")
     rng = np.random.default_rng(seed)
     G, k = int(n_groups), int(group_size)
     if kind == "least_squares":

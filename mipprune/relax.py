@@ -43,11 +43,13 @@ steps with, and the kernels call each other inside ``_fista``'s compiled loop.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from numba import njit, objmode
 
+from .deadline import Deadline
 from .instance import Instance
 from .penalty import spr
 
@@ -56,6 +58,7 @@ __all__ = ["OUT", "IN", "FREE", "BOUNDS", "NodeRelaxation", "RelaxResult", "pr_b
 OUT, IN, FREE = 0, 1, 2
 BOUNDS = ("perspective", "bigm")
 _NEWTON_MAX = 100
+_CLOCK_WORK = 4e6  # multiply-adds of FISTA between two readings of the clock
 
 
 # ---- one group: prox and conjugate (numba kernels; v, y are the group's own entries) -----------
@@ -69,8 +72,9 @@ def _free_dprime(x, z, alpha, beta, M, persp):
             if xi > M * den:
                 d += M * (M * z - xi) + alpha * M * M
                 dd += M * M
-            elif den > 0.0:
-                q = alpha * xi * xi / (den * den)
+            elif den > 0.0:  # xi <= M den: q <= alpha M^2 (xi / den first: den^2 may underflow)
+                r = xi / den
+                q = alpha * r * r
                 d -= q
                 dd += 2.0 * q / den
     else:
@@ -170,7 +174,10 @@ def _conj_group(y, a, b, M, status, persp):
     x = np.abs(y)
     K = 0.0
     for xi in x:
-        K += xi * xi / (4.0 * a) if xi <= 2.0 * a * M else M * xi - a * M * M
+        if xi > 2.0 * a * M:
+            K += M * xi - a * M * M
+        elif xi > 0.0:  # (a = 0 leaves only xi = 0 here: its term is 0, not 0/0)
+            K += xi * xi / (4.0 * a)
     if status == 1:
         return K - b
     if persp:
@@ -185,7 +192,10 @@ def _conj_group(y, a, b, M, status, persp):
         z = _increasing_concave_root(x, a, b, M, 2, 0.0)
     q = -b * z
     for xi in x:
-        q += xi * xi / (4.0 * a) if xi <= 2.0 * a * M * z else M * z * xi - a * M * M * z * z
+        if xi > 2.0 * a * M * z:
+            q += M * z * xi - a * M * M * z * z
+        elif xi > 0.0:
+            q += xi * xi / (4.0 * a)
     return max(q, 0.0)
 
 
@@ -223,7 +233,12 @@ def _conj_all(y, idx, klen, a, b, M, status, persp):
 
 
 @njit(cache=True)
-def _fista(Q, c, const, idx, klen, a, b, M, status, persp, x0, L, cutoff, rtol, max_iter, check_every):
+def _fista(Q, c, const, idx, klen, a, b, M, status, persp, x0, L, cutoff, rtol, max_iter, check_every,
+           deadline):
+    """FISTA on F from ``x0`` (``NodeRelaxation.solve``).  At every bound check it reads the
+    clock (``time.perf_counter``, in object mode) once ``_CLOCK_WORK`` multiply-adds have passed
+    since the last reading, and stops once ``deadline`` has passed: a few milliseconds of work
+    between readings, whatever the size of Q."""
     n = c.shape[0]
     G = idx.shape[0]
     zs = np.full(G, 0.5)
@@ -238,7 +253,9 @@ def _fista(Q, c, const, idx, klen, a, b, M, status, persp, x0, L, cutoff, rtol, 
     best_x = x.copy()
     best_z = zs.copy()
     it = 0
+    work = 0.0
     for it in range(1, max_iter + 1):
+        work += n * n
         g = Q @ y + c
         hn = _prox_all(y - step * g, xn, zn, step, idx, klen, a, b, M, status, persp)
         if np.dot(y - xn, xn - x) > 0.0:  # gradient restart (O'Donoghue & Candes 2015)
@@ -267,6 +284,12 @@ def _fista(Q, c, const, idx, klen, a, b, M, status, persp, x0, L, cutoff, rtol, 
                 break
             if best_val - best_lb <= rtol * max(1.0, abs(best_val)):
                 break
+            if work >= _CLOCK_WORK:
+                work = 0.0
+                with objmode(now="float64"):
+                    now = time.perf_counter()
+                if now >= deadline:
+                    break
     return best_lb, best_val, best_x, best_z, it
 
 
@@ -297,8 +320,7 @@ class NodeRelaxation:
         self.idx = np.ascontiguousarray(np.maximum(instance.index, 0))
         self.klen = np.array([len(g) for g in instance.groups], dtype=np.int64)
         self.a, self.b, self.M = (np.ascontiguousarray(x) for x in (instance.a, instance.b, instance.M))
-        lam = np.linalg.eigvalsh(self.Q).max() if instance.n else 0.0
-        self.L = max(float(lam), 1e-12)
+        self.L = instance.lipschitz
 
     def _status(self, status):
         status = np.ascontiguousarray(status, dtype=np.int64)
@@ -339,22 +361,26 @@ class NodeRelaxation:
         g = self.Q @ w + self.c
         return self.inst.f(w) - float(g @ w) - self.conjugate(-g, status)
 
-    def solve(self, status, w0=None, cutoff=np.inf, rtol=1e-9, max_iter=20000, check_every=5):
+    def solve(self, status, w0=None, cutoff=np.inf, rtol=1e-9, max_iter=20000, check_every=5,
+              deadline: Deadline | None = None):
         """FISTA with gradient restart from ``w0``; stops when the relative gap between value and
-        best lower bound is below ``rtol``, or the bound reaches ``cutoff``."""
+        best lower bound is below ``rtol``, the bound reaches ``cutoff``, or ``deadline`` passes
+        (the bound returned is valid in every case, only weaker)."""
         status = self._status(status)
         x0 = np.zeros(self.inst.n) if w0 is None else np.ascontiguousarray(w0, dtype=float)
+        end = np.inf if deadline is None else deadline.end
         lb, _, x, z, it = _fista(self.Q, self.c, self.inst.const, self.idx, self.klen, self.a, self.b,
                                  self.M, status, self.persp, x0, self.L, float(cutoff), float(rtol),
-                                 int(max_iter), int(check_every))
+                                 int(max_iter), int(check_every), float(end))
         value = self.closed_form_value(x, status)
         return RelaxResult(float(lb), value, x, z, int(it), bool(lb >= cutoff))
 
 
 def pr_bound_closed_form(instance: Instance, bounds: str = "perspective", rtol: float = 1e-10,
-                         max_iter: int = 100000) -> RelaxResult:
+                         max_iter: int = 100000, time_limit: float | Deadline | None = None) -> RelaxResult:
     """The root relaxation: min_w f(w) + sum_j SPR_j(w_j) on the box (or the big-M penalty),
-    i.e. the PR (big-M) relaxation with z projected out.  ``lower_bound`` is certified;
+    i.e. the PR (big-M) relaxation with z projected out.  ``lower_bound`` is certified (also when
+    ``time_limit``, seconds or a shared :class:`Deadline`, stops it early: it is then weaker);
     ``value`` is the closed form evaluated at the returned point."""
     return NodeRelaxation(instance, bounds).solve(np.full(instance.n_groups, FREE), rtol=rtol,
-                                                   max_iter=max_iter)
+                                                   max_iter=max_iter, deadline=Deadline.of(time_limit))

@@ -98,10 +98,21 @@ def format_table(checks) -> str:
     gaps = [(c.pr_bound_closed_form - c.bigm_bound) / (c.optimum - c.bigm_bound)
             for c in checks if c.optimum - c.bigm_bound > 1e-9]
     closed = f"; PR closes a median {100 * np.median(gaps):.0f}% of the big-M gap" if gaps else ""
-    lines.append(f"{len(checks) - bad}/{len(checks)} instances passed every check{closed}")
+    skipped = sum(c.enumeration is None for c in checks)
+    if skipped == 0:
+        passed = "passed every check"
+    elif skipped == len(checks):
+        passed = ("passed every check run; the enumeration check was skipped on all of them "
+                  "(more groups than --enumerate-max)")
+    else:
+        passed = (f"passed every check run; the enumeration check was skipped on {skipped} "
+                  "(more groups than --enumerate-max)")
+    lines.append(f"{len(checks) - bad}/{len(checks)} instances {passed}{closed}")
     return "\n".join(lines)
 
 
 def to_json(checks) -> dict:
+    """Every check (``enumeration`` null where skipped), the counts, and ``enumeration_skipped``."""
     return {"instances": [dict(asdict(c), ok=c.ok, violations=list(c.violations)) for c in checks],
-            "passed": sum(c.ok for c in checks), "failed": sum(not c.ok for c in checks)}
+            "passed": sum(c.ok for c in checks), "failed": sum(not c.ok for c in checks),
+            "enumeration_skipped": sum(c.enumeration is None for c in checks)}

@@ -26,19 +26,18 @@ the matrix to HiGHS in one call; :func:`solve_selection_pyomo` states the same M
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import numpy as np
 
+from ..deadline import Deadline
+from ..highs import _new_highs
+from ..status import converged_status
 from .baselines import greedy, improve
 from .problem import FEAS_RTOL, SelectionProblem
 from .result import SelectionResult, relative_gap
 
 __all__ = ["solve_selection", "solve_selection_pyomo", "milp_arrays"]
-
-_BANNER_SHOWN = False
 
 
 def milp_arrays(problem: SelectionProblem) -> dict:
@@ -93,40 +92,15 @@ def milp_arrays(problem: SelectionProblem) -> dict:
             "pairs": pairs}
 
 
-def _new_highs():
-    """A silent ``highspy.Highs``.  The first construction in a process prints HiGHS' banner on
-    file descriptor 1 whatever the options; it is sent to /dev/null so ``--json`` output stays
-    clean."""
-    global _BANNER_SHOWN
-    import highspy
-
-    if _BANNER_SHOWN:
-        h = highspy.Highs()
-    else:
-        sys.stdout.flush()
-        saved = os.dup(1)
-        try:
-            with open(os.devnull, "w") as null:
-                os.dup2(null.fileno(), 1)
-                h = highspy.Highs()
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-        _BANNER_SHOWN = True
-    h.setOptionValue("output_flag", False)
-    return h
-
-
-def _options(gap, time_left):
-    opts = {"threads": 1, "mip_rel_gap": float(gap), "mip_abs_gap": 0.0, "presolve_mode": 2,
+def _options(gap):
+    """HiGHS' options (the time limit comes from the deadline: :meth:`Deadline.watch`)."""
+    return {"threads": 1, "mip_rel_gap": float(gap), "mip_abs_gap": 0.0, "presolve_mode": 2,
             "mip_feasibility_tolerance": FEAS_RTOL, "primal_feasibility_tolerance": FEAS_RTOL}
-    if time_left is not None:
-        opts["time_limit"] = max(float(time_left), 0.0)
-    return opts
 
 
 def _check_args(time_limit, gap):
-    if time_limit is not None and not (time_limit >= 0 and np.isfinite(time_limit)):
+    if time_limit is not None and not isinstance(time_limit, Deadline) and not (
+            time_limit >= 0 and np.isfinite(time_limit)):
         raise ValueError(f"time_limit must be a finite number >= 0, got {time_limit}")
     if not (gap >= 0 and np.isfinite(gap)):
         raise ValueError(f"gap must be a finite number >= 0, got {gap}")
@@ -142,8 +116,11 @@ def _result(problem, status, x, x_offsets, bound, t0) -> SelectionResult:
     if not problem.fits(cost):  # HiGHS' rows hold to FEAS_RTOL: an internal invariant
         raise RuntimeError(f"HiGHS returned widths of cost {cost!r} over the budget "
                            f"{problem.budget!r} (tolerance {problem.tol:.3g})")
-    return SelectionResult(status, problem.widths_of(choice), value, cost,
-                           relative_gap(value, bound), bound, time.perf_counter() - t0)
+    gap = relative_gap(value, bound)
+    if status == "optimal":
+        status = converged_status(gap)
+    return SelectionResult(status, problem.widths_of(choice), value, cost, gap, bound,
+                           time.perf_counter() - t0)
 
 
 def _highs_lp(A, integer: bool = True):
@@ -183,28 +160,31 @@ def _start(problem, A):
     return sol
 
 
-def solve_selection(problem: SelectionProblem, time_limit: float | None = None,
+def solve_selection(problem: SelectionProblem, time_limit: float | Deadline | None = None,
                     gap: float = 1e-6, warm_start: bool = True) -> SelectionResult:
     """Solve the selection MILP (module docstring) with HiGHS, built directly in highspy.
 
-    ``time_limit`` (seconds) bounds the whole call, model building included: HiGHS gets what
-    is left (it checks its clock now and then, so it may overrun by a fraction of a second).
+    ``time_limit`` (seconds, or a :class:`Deadline` shared with earlier phases) bounds the
+    whole call, model building included: HiGHS gets what is left and is interrupted at the
+    deadline (it checks now and then, so it may overrun by a fraction of a second).
     ``warm_start`` hands HiGHS the greedy choice improved by local search
-    (:func:`baselines.improve`) as its first incumbent.  Returns status ``optimal``,
+    (:func:`baselines.improve`) as its first incumbent.  Returns status ``optimal`` (a gap of
+    at most ``status.OPTIMAL_GAP``), ``within_tolerance`` (a looser ``gap`` reached),
     ``infeasible`` or ``time_limit`` (with the best widths found and their certified gap, or
     ``widths=None`` when none was found).
     """
     _check_args(time_limit, gap)
     t0 = time.perf_counter()
+    deadline = Deadline.of(time_limit)
     import highspy
 
     A = milp_arrays(problem)
     lp = _highs_lp(A)
     start = _start(problem, A) if warm_start else None
     h = _new_highs()
-    left = None if time_limit is None else time_limit - (time.perf_counter() - t0)
-    for key, val in _options(gap, left).items():
+    for key, val in _options(gap).items():
         h.setOptionValue(key, val)
+    deadline.watch(h)
     h.passModel(lp)
     if start is not None:
         sol = highspy.HighsSolution()
@@ -217,21 +197,22 @@ def solve_selection(problem: SelectionProblem, time_limit: float | None = None,
     info = h.getInfo()
     if ms == S.kInfeasible:
         return SelectionResult("infeasible", None, None, None, None, None, time.perf_counter() - t0)
-    if ms not in (S.kOptimal, S.kTimeLimit):
+    if ms not in (S.kOptimal, S.kTimeLimit, S.kInterrupt):
         raise RuntimeError(f"HiGHS stopped with model status {h.modelStatusToString(ms)}")
     has_x = info.primal_solution_status == 2  # kSolutionStatusFeasible
     x = np.asarray(h.getSolution().col_value[:A["nx"]]) if has_x else None
     bound = float(info.mip_dual_bound) if np.isfinite(info.mip_dual_bound) else None
-    status = "optimal" if ms == S.kOptimal else "time_limit"
-    return _result(problem, status, x, A["x_offsets"], bound, t0)
+    return _result(problem, "optimal" if ms == S.kOptimal else "time_limit", x, A["x_offsets"],
+                   bound, t0)
 
 
-def solve_selection_pyomo(problem: SelectionProblem, time_limit: float | None = None,
+def solve_selection_pyomo(problem: SelectionProblem, time_limit: float | Deadline | None = None,
                           gap: float = 1e-6) -> SelectionResult:
     """The same MILP stated in Pyomo, solved through ``SolverFactory("highs")`` (the reference
     formulation: same rows, same scaling, same options; slower to build)."""
     _check_args(time_limit, gap)
     t0 = time.perf_counter()
+    deadline = Deadline.of(time_limit)
     import pyomo.environ as pyo
     from pyomo.contrib.solver.common.results import SolutionStatus, TerminationCondition
 
@@ -261,8 +242,8 @@ def solve_selection_pyomo(problem: SelectionProblem, time_limit: float | None = 
         float(pairs[p][2][k, l]) / scale * m.y[p, k, l] for p, k, l in m.Y)
     m.obj = pyo.Objective(expr=value, sense=pyo.maximize)
     m.budget = pyo.Constraint(expr=cost <= (problem.budget - problem.constant) / scale)
-    left = None if time_limit is None else max(time_limit - (time.perf_counter() - t0), 0.0)
-    opts = _options(gap, None)
+    left = deadline.left()
+    opts = _options(gap)
     kw = {"rel_gap": opts.pop("mip_rel_gap"), "threads": opts.pop("threads")}
     if left is not None:
         kw["time_limit"] = left

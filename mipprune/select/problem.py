@@ -12,6 +12,10 @@ u_f is the sum of every unary term that names f; C_ab and V_ab are the sums of e
 term on the pair {a, b} (a term written as (b, a) enters transposed).  Widths need not be sorted;
 they must be distinct non-negative integers.
 
+Values, costs, the budget and the constant must be finite with magnitude at most
+``instance.MAX_ABS`` (1e15), so that no sum of them overflows and HiGHS, which reads costs
+beyond about 1e20 as infinite, sees them as they are.
+
 Feasibility allows round-off only: ``cost <= budget + tol`` with ``tol = 1e-9 * scale`` and
 ``scale = max(|budget|, |constant| + sum_f max|u_f| + sum_ab max|C_ab|)`` (the largest cost any
 choice can reach), so the exact MILP, brute force and greedy agree on which choices fit.
@@ -24,6 +28,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
+
+from ..instance import MAX_ABS
 
 __all__ = ["Family", "Unary", "Pairwise", "SelectionProblem", "FEAS_RTOL"]
 
@@ -39,6 +45,9 @@ def _number(where, x) -> float:
         x = math.inf
     if not math.isfinite(x):
         raise ValueError(f"{where} must be finite, got {x}")
+    if abs(x) > MAX_ABS:
+        raise ValueError(f"{where} = {x:g} is too large: the numbers of a problem must lie in "
+                         f"[-{MAX_ABS:g}, {MAX_ABS:g}]")
     return x
 
 
@@ -60,6 +69,11 @@ def _floats(where, x, ndim) -> np.ndarray:
     if bad.any():
         idx = [int(i) for i in np.argwhere(bad)[0]]
         raise ValueError(f"{where}{idx} must be finite, got {arr[tuple(idx)]}")
+    big = np.abs(arr) > MAX_ABS
+    if big.any():
+        idx = [int(i) for i in np.argwhere(big)[0]]
+        raise ValueError(f"{where}{idx} = {arr[tuple(idx)]:g} is too large: the numbers of a "
+                         f"problem must lie in [-{MAX_ABS:g}, {MAX_ABS:g}]")
     arr.setflags(write=False)
     return arr
 

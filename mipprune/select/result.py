@@ -8,15 +8,16 @@ from types import MappingProxyType
 
 __all__ = ["SelectionResult", "relative_gap", "STATUSES"]
 
-STATUSES = ("optimal", "infeasible", "time_limit", "heuristic")
+STATUSES = ("optimal", "within_tolerance", "infeasible", "time_limit", "heuristic")
 
 
 @dataclass(frozen=True)
 class SelectionResult:
     """A selection and how it was obtained.
 
-    ``status``: ``optimal`` (gap within the requested tolerance), ``infeasible`` (no choice fits
-    the budget), ``time_limit`` (the best choice found, or none: ``widths is None``) or
+    ``status``: ``optimal`` (certified gap at most ``status.OPTIMAL_GAP``), ``within_tolerance``
+    (a looser requested gap reached), ``infeasible`` (no choice fits the budget), ``time_limit``
+    (the best choice found, or none: ``widths is None``) or
     ``heuristic`` (greedy: no optimality claim).  ``bound`` is a certified upper bound on the
     optimal value (the MILP's dual bound; None when unknown) and
     ``gap = (bound - value) / |value|`` (:func:`relative_gap`; None when unknown, ``inf`` when
