@@ -1,12 +1,37 @@
 """Argument checks shared by every configuration object: each raises ``ValueError`` naming the
-bad value and what is allowed, so a setting is validated the same way wherever it is given."""
+bad value and what is allowed, so a setting is validated the same way wherever it is given.
+
+:class:`ConfigError` is the one error type of a run that cannot go on as asked, wherever it is
+found (a setting, a data set, a weights file, a diverging loss): ``python -m nn`` prints its
+message as one line and exits with status 2."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 
-__all__ = ["number", "integer", "choice", "optional_count", "argtype"]
+__all__ = ["ConfigError", "FLOAT32_MAX", "INT_MAX", "number", "integer", "choice",
+           "optional_count", "existing_file", "argtype", "max_threads"]
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: a setting that multiplies float32 tensors (a learning rate, a weight
+decay) must not exceed it, or torch cannot convert it."""
+
+INT_MAX = 2**31 - 1
+"""The largest integer a command-line option takes (no count of epochs, images or repeats
+comes near it; torch and ``collections`` overflow on far larger ones)."""
+
+
+class ConfigError(ValueError):
+    """A run that cannot start or go on as asked: ``out`` holds a run, resume with a changed
+    config, a method that cannot run in this setting, data or weights that do not fit, a loss
+    that is no longer finite...  A ``ValueError``, so library callers may catch either."""
+
+
+def max_threads() -> int:
+    """The most torch CPU threads a setting may ask for: the machine's logical CPUs."""
+    return os.cpu_count() or 1
 
 
 def number(name: str, v, lo: float = -math.inf, hi: float = math.inf, *,
@@ -24,10 +49,11 @@ def number(name: str, v, lo: float = -math.inf, hi: float = math.inf, *,
     return float(v)
 
 
-def integer(name: str, v, lo: int) -> int:
-    """``v`` if it is an int (not a bool) ``>= lo``."""
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+def integer(name: str, v, lo: int, hi: int | None = None) -> int:
+    """``v`` if it is an int (not a bool) ``>= lo`` (and ``<= hi`` when given)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        want = f"an int >= {lo}" + (f" and <= {hi}" if hi is not None else "")
+        raise ValueError(f"{name} must be {want}, got {v!r}")
     return v
 
 
@@ -45,9 +71,28 @@ def choice(name: str, v, choices):
     return v
 
 
+def existing_file(name: str, path) -> str:
+    """``path`` (as a string) if it names a readable file; else ``ValueError`` saying what is
+    there instead (nothing, a folder, a file this user cannot read)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"{name} must be a file path, got {path!r}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{name}: no such file: {path}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{name} must be a file, got the folder {path}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{name}: {path} is not readable (permission denied)")
+    return path
+
+
 def argtype(name, kind=float, lo=None, strict=False, hi=None):
     """An argparse ``type``: ``kind(text)``, finite, ``>= lo`` (``> lo`` with ``strict``) and
-    ``<= hi``; ``argparse.ArgumentTypeError`` naming the option and the bad text."""
+    ``<= hi`` (integers: at most :data:`INT_MAX` unless ``hi`` says otherwise);
+    ``argparse.ArgumentTypeError`` naming the option and the bad text."""
+    if kind is int and hi is None:
+        hi = INT_MAX
+
     def parse(text):
         try:
             x = kind(text)

@@ -10,8 +10,11 @@ applies the :data:`QUICK` preset first (options given explicitly still win).  A 
 options (``--alpha`` for spr and bigm, ``--theta-lr`` for variational, ...) are an error with
 another method.  Old spellings keep working: ``--cost params|macs|SHARE``, ``--beta B``
 (params share B, MACs 1 - B), ``--gamma G`` (blocks weight G), ``--slimming-lambda X``
-(``--lam X``).  Bad arguments, an ``--out`` that already holds a run (without ``--resume``) or a
-missing dataset: one line on stderr and exit status 2.  The final report is printed as a table.
+(``--lam X``).  Bad arguments, an ``--out`` that already holds a run (without ``--resume``), a
+missing or damaged dataset or weights file, a device or precision this machine lacks, data too
+small for the batch, a loss that stops being finite (:class:`nn.training.NonFiniteError`) --
+any :class:`nn.checks.ConfigError` -- or a file the run cannot read or write: one line on
+stderr and exit status 2.  The final report is printed as a table.
 
 One concept, the ``train`` command line: its option table, the parsers of its values, and how
 flags become a :class:`~nn.config.RunConfig` -- the table and the translation change together.
@@ -349,7 +352,7 @@ def main(argv=None) -> int:
 
     try:
         report = run_pipeline(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, OSError) as e:  # a run that cannot go on; a file it cannot read/write
         parser.error(str(e))
     if report is not None:
         print(format_table(report), flush=True)

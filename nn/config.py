@@ -17,7 +17,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nn.checks import choice, integer, number
+from nn.checks import (FLOAT32_MAX, ConfigError, choice, existing_file, integer, max_threads,
+                       number)
 from nn.cost import CostConfig
 from nn.data import DATASETS
 from nn.models import MODELS
@@ -25,11 +26,6 @@ from nn.training import TrainConfig
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "MethodConfig",
            "SelectionConfig", "RuntimeConfig", "RunConfig", "RULES", "KINDS_PRUNED"]
-
-class ConfigError(ValueError):
-    """A run that cannot start as asked: ``out`` holds a run, resume with a changed config, a
-    method that cannot run in this setting..."""
-
 
 RULES = ("auto", "bisection", "mac-target", "budget")
 DEPTH_RULES = ("search", "value")  # how a budgeted selection with removable blocks picks its depth
@@ -77,6 +73,8 @@ class ModelConfig:
         choice("model", self.name, MODELS)
         number("width", self.width, 0, 64, open_lo=True)
         choice("shortcut", self.shortcut, (None, "A", "B"))
+        if self.weights is not None:
+            existing_file("weights", self.weights)
 
 
 @dataclass(frozen=True)
@@ -100,6 +98,8 @@ class OptimConfig:
     def __post_init__(self):
         integer("finetune_epochs", self.finetune_epochs, 0)
         integer("eval_batch_size", self.eval_batch_size, 1)
+        for name in ("lr", "finetune_lr", "weight_decay"):  # torch multiplies float32 by them
+            number(name, getattr(self, name), 0, FLOAT32_MAX, open_lo=name != "weight_decay")
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,10 @@ class SelectionConfig:
                              f"remove_blocks (--remove-blocks) too")
         if self.budget is not None:
             object.__setattr__(self, "budget", str(Budget.parse(self.budget)))
+        if self.latency_table is not None:  # read now: a bad file fails before training
+            from nn.latency.files import load_table
+
+            load_table(existing_file("latency_table", self.latency_table))
         if self.rule not in ("auto", "budget") and self.budget is not None \
                 or self.rule == "budget" and self.budget is None:
             raise ValueError(f"select {self.rule} and budget {self.budget!r} do not go "
@@ -200,7 +204,8 @@ class SelectionConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how a run executes; none of it changes what is computed on CPU, so a resumed
-    run may change any of it except ``seed``.  ``latency_batches``: batch sizes timed in the
+    run may change any of it except ``seed``.  ``threads``: at most the machine's logical CPUs;
+    ``out``: a folder, new or holding a run.  ``latency_batches``: batch sizes timed in the
     report (empty: none), each the median of ``latency_repeats`` runs."""
 
     device: str = "auto"
@@ -217,7 +222,9 @@ class RuntimeConfig:
 
     def __post_init__(self):
         if self.threads is not None:
-            integer("threads", self.threads, 1)
+            integer("threads", self.threads, 1, max_threads())
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            _bad("out", self.out, "a folder (new, or holding a run), not a file")
         integer("latency_repeats", self.latency_repeats, 1)
         lb = tuple(self.latency_batches) if isinstance(self.latency_batches,
                                                        (list, tuple)) else None

@@ -27,6 +27,7 @@ so a training loop can always call it).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -34,11 +35,11 @@ import torch
 from torch import nn as tnn
 
 from mipprune.penalty import C1, C2, C3, bigm_value, spr, spr_value
-from nn.checks import choice, integer, number
+from nn.checks import FLOAT32_MAX, choice, integer, number
 from nn.complexity import count_params, layer_macs
 from nn.cost import CostConfig, structure_costs
 from nn.models import KINDS, Family, build_families, group_weights
-from nn.weights import read_state_dict
+from nn.weights import check_shapes, read_state_dict
 
 __all__ = ["spr_penalty", "bigm_penalty", "SPRConfig", "SPRRegularizer"]
 
@@ -116,8 +117,16 @@ class SPRConfig:
         choice("penalty", self.penalty, tuple(_PENALTIES))
 
 
-def _reference_state(reference, model: tnn.Module) -> Mapping:
-    return dict(model.named_parameters()) if reference is None else read_state_dict(reference)
+def _reference_state(reference, model: tnn.Module, families: list[Family]) -> Mapping:
+    """The tensors M is read from: the model's own, or ``reference``'s after checking that
+    every writer tensor is there with the model's shape."""
+    if reference is None:
+        return dict(model.named_parameters())
+    state = read_state_dict(reference)
+    where = f" ({os.fspath(reference)})" if isinstance(reference, (str, os.PathLike)) else ""
+    check_shapes(state, model.state_dict(), [p.param for f in families for p in f.writers],
+                 f"reference weights{where}")
+    return state
 
 
 class SPRRegularizer:
@@ -150,18 +159,21 @@ class SPRRegularizer:
                              f"({len(uneven)} families): choose a group size that divides them")
         self.cost = {n: c.reshape(-1, g).sum(1) for n, c in
                      structure_costs(self.families, config.cost, totals, latency).items()}
-        ref = _reference_state(reference, model)
+        ref = _reference_state(reference, model, self.families)
         self.a, self.b, self.M = {}, {}, {}
+        tiny = torch.finfo(torch.float32).tiny
         for f in self.families:
             self.a[f.name] = config.lam * config.alpha * self.cost[f.name]
             self.b[f.name] = config.lam * (1 - config.alpha) * self.cost[f.name]
-            missing = [p.param for p in f.writers if p.param not in ref]
-            if missing:
-                raise ValueError(f"reference lacks {missing[0]!r}")
             top = max(float(ref[p.param].detach().abs().max()) for p in f.writers)
             if top == 0:
                 raise ValueError(f"reference weights of {f.name!r} are all zero: M would be 0")
             self.M[f.name] = config.M_scale * top
+            if not tiny <= self.M[f.name] <= FLOAT32_MAX:  # NaN fails too
+                raise ValueError(f"M of {f.name!r} = M_scale {config.M_scale:g} x max|w| "
+                                 f"{top:g} = {self.M[f.name]:g} is not a normal float32 (the "
+                                 f"weights are trained in float32): choose M_scale (--M-scale) "
+                                 f"so that M lies in [{tiny:g}, {FLOAT32_MAX:g}]")
         widths: dict[int, list[Family]] = {}
         params = dict(model.named_parameters())
         for f in self.families:

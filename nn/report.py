@@ -139,11 +139,13 @@ def format_table(report: dict) -> str:
         lines.append(f"{f'latency ms, batch {b}':24}{d['dense_ms']:>14.3f}{d['pruned_ms']:>14.3f}"
                      f"{d['pruned_ms'] / d['dense_ms']:>14.3f}   speed-up {d['speedup']:.2f}x")
     if lat["batches"]:
-        busy = [b for b, d in lat["batches"].items() if d.get("disturbed")]
+        busy = {b: d.get("other_cores") for b, d in lat["batches"].items() if d.get("disturbed")}
+        load = [c for c in busy.values() if c is not None]
         lines.append(f"  (latency: BN folded, median of {cfg['runtime']['latency_repeats']} "
                      f"rounds on {lat['device']}, {lat['threads']} threads"
-                     + (f"; DISTURBED by other processes at batch {', '.join(busy)}: not a "
-                        f"quiet measurement" if busy else "") + ")")
+                     + (f"; DISTURBED by other processes at batch {', '.join(busy)}"
+                        + (f" (up to {max(load):.1f} other cores busy)" if load else "")
+                        + ": not a quiet measurement" if busy else "") + ")")
     lines.append(f"test accuracy: before pruning {percent(a['test_before_pruning'])} | after pruning "
                  f"{percent(a['test_after_pruning'])} | after fine-tune "
                  f"{percent(a['test_after_finetune'])} | saved model reloaded "

@@ -18,6 +18,7 @@ non-increasing along the order, so bisection is exact).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -145,7 +146,7 @@ def select_by_scores(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict
     (:class:`nn.methods.Run`): the removal order of ``scores``, then bisection on the accuracy
     of the masked model over the calibration images (eval mode, unaugmented), or the first cut
     reaching the MAC target (MACs counted on the compressed model).  Every rank calls it (the
-    evaluations are collective)."""
+    evaluations are collective); the bisection shows its evaluations (:meth:`Run.progress`)."""
     cfg, model, fams = run.config.selection, run.model, run.pruned
     rule = cfg.rule if cfg.rule != "auto" else "budget" if cfg.budget else method.rule
     if rule == "budget":
@@ -164,14 +165,23 @@ def select_by_scores(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict
 
     if rule == "bisection":
         sub = run.calibration()
-        base = evaluate(model, sub, run.world)
-        i, trace = bisect_threshold(cuts, lambda k: evaluate(apply_masks(
-            model, prefix_masks(fams, order, k), run.structures), sub, run.world), base,
-            cfg.tolerance / 100)
+        images = min(cfg.bisect_images, run.bundle.num_train)
+        evals = 1 + (math.ceil(math.log2(len(cuts) - 1)) + 1 if len(cuts) > 1 else 0)
+        with run.progress(evals, f"selection: bisection over {len(cuts)} cuts, at most {evals} "
+                                 f"evaluations on {images} calibration images") as bar:
+            def accuracy(k):
+                acc = evaluate(apply_masks(model, prefix_masks(fams, order, k), run.structures),
+                               sub, run.world)
+                bar.set_postfix(removed=k, acc=f"{100 * acc:.2f}%")
+                bar.update()
+                return acc
+
+            base = evaluate(model, sub, run.world)
+            bar.update()
+            i, trace = bisect_threshold(cuts, accuracy, base, cfg.tolerance / 100)
         pick = [t["acc"] for t in trace if t["candidate"] == cuts[i]]
-        sel.update(tolerance_pp=cfg.tolerance, train_subset_images=min(
-            cfg.bisect_images, run.bundle.num_train), train_acc_unpruned=base,
-            train_acc_pruned=pick[0] if pick else base)
+        sel.update(tolerance_pp=cfg.tolerance, train_subset_images=images,
+                   train_acc_unpruned=base, train_acc_pruned=pick[0] if pick else base)
     else:
         i, trace, reached = first_at_most(cuts, macs, cfg.mac_target * run.dense["macs"])
         prev = [t["value"] for t in trace if i and t["candidate"] == cuts[i - 1]]

@@ -1,6 +1,7 @@
 """Weights from a file: a ``state_dict`` (e.g. a torchvision ResNet checkpoint) or a training
 checkpoint holding one under ``"state_dict"`` or ``"model"``, read with ``weights_only=True``
-and loaded only when every name and shape matches the model."""
+and loaded only when every name and shape matches the model and every value is finite
+(:func:`check_shapes` also serves readers of a few tensors, e.g. SPR's reference for M)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn as tnn
 
-__all__ = ["read_state_dict", "load_weights"]
+__all__ = ["read_state_dict", "check_shapes", "load_weights"]
 
 
 def read_state_dict(source) -> Mapping:
@@ -37,10 +38,24 @@ def read_state_dict(source) -> Mapping:
     return source
 
 
+def check_shapes(state: Mapping, own: Mapping, names=None, what: str = "weights") -> None:
+    """``ValueError`` naming the first of ``names`` (default: every name of ``own``, the
+    model's state) that ``state`` lacks or holds with another shape than ``own``'s (a file of
+    another width or a pruned model), with both shapes."""
+    for name in own if names is None else names:
+        if name not in state:
+            raise ValueError(f"{what} do not fit the model: missing {name!r}")
+        have, want = tuple(state[name].shape), tuple(own[name].shape)
+        if have != want:
+            raise ValueError(f"{what} do not fit the model: {name} has shape {have} in the "
+                             f"file, {want} in the model")
+
+
 def load_weights(model: tnn.Module, source) -> tnn.Module:
     """Copy ``source``'s tensors (:func:`read_state_dict`) into ``model`` in place, after
-    checking that the names are exactly the model's and every shape matches (a checkpoint of
-    another width or a pruned model is refused, naming the first difference)."""
+    checking that the names are exactly the model's, every shape matches (a checkpoint of
+    another width or a pruned model is refused, naming the first difference) and every
+    floating value is finite."""
     state = read_state_dict(source)
     own = model.state_dict()
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -48,9 +63,10 @@ def load_weights(model: tnn.Module, source) -> tnn.Module:
         raise ValueError("weights do not fit the model: "
                          + (f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}")
                          + f" ({len(missing)} missing, {len(extra)} unexpected names)")
-    for name, t in own.items():
-        if tuple(state[name].shape) != tuple(t.shape):
-            raise ValueError(f"weights do not fit the model: {name} has shape "
-                             f"{tuple(state[name].shape)}, the model's is {tuple(t.shape)}")
+    check_shapes(state, own)
+    broken = next((n for n, t in state.items()
+                   if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if broken is not None:
+        raise ValueError(f"weights hold values that are not finite (NaN or inf) in {broken}")
     model.load_state_dict(state, strict=True)
     return model

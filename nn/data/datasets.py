@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from nn.checks import ConfigError
 from nn.data.augment import Augment, channel_stats
 from nn.data.formats import (CIFAR_ROOT, FASHION_CLASSES, FASHION_MNIST_ROOT, NO_DOWNLOAD,
                              error_line, read_cifar, read_fashion_mnist)
@@ -126,6 +127,14 @@ class DataBundle:
 # --------------------------------------------------------------------------- synthetic
 
 
+def _memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def make_synthetic(n_train: int = 2048, n_test: int = 512, *, image_size: int = 16,
                    channels: int = 3, num_classes: int = 4, noise: float = 0.25, seed: int = 0):
     """A seeded, learnable set: ``((x_train, y_train), (x_test, y_test))`` torch tensors,
@@ -134,12 +143,20 @@ def make_synthetic(n_train: int = 2048, n_test: int = 512, *, image_size: int = 
     Class ``k`` has a smooth template ``T_k`` (uniform 4x4 values per channel, bilinearly
     upsampled: features a few pixels wide survive small crops); an image is
     ``clip(T_y + noise * N(0, 1), 0, 1)`` in steps of 1/255."""
-    for label, v in (("n_train", n_train), ("n_test", n_test), ("image_size", image_size),
-                     ("channels", channels), ("num_classes", num_classes)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{label} must be an int >= 1, got {v!r}")
+    for label, v, lo in (("n_train", n_train, 1), ("n_test", n_test, 1),
+                         ("image_size", image_size, 1), ("channels", channels, 1),
+                         ("num_classes", num_classes, 2)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{label} must be an int >= {lo}, got {v!r}")
     if not noise >= 0:
         raise ValueError(f"noise must be >= 0, got {noise!r}")
+    need = 9 * max(n_train, n_test) * channels * image_size ** 2  # float32 draws + uint8 result
+    have = _memory_bytes()
+    if have is not None and need > have:
+        raise ValueError(f"a synthetic set of {max(n_train, n_test)} images of {channels}x"
+                         f"{image_size}x{image_size} needs about {need / 2**30:.3g} GiB while it "
+                         f"is drawn, more than this machine's {have / 2**30:.3g} GiB: ask for "
+                         f"fewer or smaller images")
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(num_classes, channels, 4, 4, generator=g)
     templates = torch.nn.functional.interpolate(low, size=(image_size, image_size),
@@ -156,12 +173,17 @@ def make_synthetic(n_train: int = 2048, n_test: int = 512, *, image_size: int = 
 # --------------------------------------------------------------------------- ImageNet
 
 
+class _NoTorchvision(ConfigError, RuntimeError):
+    """ImageNet needs torchvision and it cannot be imported: a run that cannot start (one line
+    from ``python -m nn``); a ``RuntimeError`` too, as it always was."""
+
+
 def _torchvision():
     try:
         import torchvision
         from torchvision import datasets, transforms  # noqa: F401
     except Exception as e:  # ImportError, or a build for another torch failing at import
-        raise RuntimeError(
+        raise _NoTorchvision(
             f"torchvision is required for ImageNet (JPEG decoding and resizing) but cannot be "
             f"imported ({type(e).__name__}: {error_line(e)}); install the torchvision release "
             f"built for torch {torch.__version__.split('+')[0]} (pip install "
@@ -246,6 +268,10 @@ def load_dataset(name: str, root=None, *, device="cpu", subset: int | None = Non
         xtr, xte = torch.from_numpy(xtr), torch.from_numpy(xte)
         ytr, yte = torch.from_numpy(ytr).long(), torch.from_numpy(yte).long()
         num_classes, augment = spec.num_classes, spec.augment
+    for split, y in (("training", ytr), ("test", yte)):
+        if len(y) == 0:
+            raise ValueError(f"the {split} set of {spec.title} in {folder} holds no images: "
+                             f"expected at least one")
     if subset is not None:
         keep = stratified_indices(ytr, subset, num_classes)
         xtr, ytr = xtr[keep], ytr[keep]

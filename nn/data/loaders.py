@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from nn.checks import ConfigError
 from nn.data.augment import Augment, random_crop_flip
 
 if TYPE_CHECKING:
@@ -56,10 +57,13 @@ def shard_indices(n: int, rank: int = 0, world_size: int = 1, *,
 
 def stratified_indices(labels: torch.Tensor, n: int, num_classes: int) -> torch.Tensor:
     """The first ``n // K`` images of each class in file order (one more for the first
-    ``n mod K`` classes), returned in file order: a balanced, seed-free subset."""
+    ``n mod K`` classes), returned in file order: a balanced, seed-free subset (``n >= K``:
+    every class is in it)."""
     y = labels.cpu().long()
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= len(y):
-        raise ValueError(f"subset must be an int in [1, {len(y)}], got {n!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or not num_classes <= n <= len(y):
+        raise ValueError(f"subset must be an int in [{num_classes}, {len(y)}] (every one of the "
+                         f"{num_classes} classes at least once, at most the {len(y)} training "
+                         f"images), got {n!r}")
     quota = torch.full((num_classes,), n // num_classes)
     quota[: n % num_classes] += 1
     counts = torch.bincount(y, minlength=num_classes)
@@ -104,6 +108,12 @@ class _EpochLoader:
         m = torch.tensor(self.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         s = torch.tensor(self.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._shift, self._scale = -m / s, 1 / (255 * s)
+        if drop_last and len(self) == 0:
+            per = f" on each of {world_size} ranks" if world_size > 1 else ""
+            raise ConfigError(f"batch size {batch_size}{per} is larger than the "
+                              f"{self._shard_size()} images to draw from{per}: with the last "
+                              f"partial batch dropped an epoch would have no step; lower the "
+                              f"batch size (--batch-size) or train on more images")
 
     def _shard_size(self) -> int:
         kept = self.n - self.n % self.world_size if self.shuffle else self.n

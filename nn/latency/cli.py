@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from nn.latency.allocator import ALLOCATORS
 from nn.latency.measure import fit_constant, measure_table
 from nn.latency.files import default_path, save_table
-from nn.checks import argtype
+from nn.checks import argtype, max_threads
 from nn.latency.table import DTYPES
 
 __all__ = ["add_latency_parser", "run_latency_table"]
@@ -45,7 +46,7 @@ def add_latency_parser(sub) -> argparse.ArgumentParser:
                        description="Measure every layer shape of a model at every candidate "
                        "width on this machine, fit the constant, cache the table as JSON.")
     p.add_argument("--model", required=True, help="resnet20/32/44/56/110, resnet18/34/50")
-    p.add_argument("--width", type=argtype("--width", float, 0, strict=True), default=1.0,
+    p.add_argument("--width", type=argtype("--width", float, 0, strict=True, hi=64), default=1.0,
                    help="channel multiplier; default 1")
     p.add_argument("--shortcut", choices=("A", "B"), default=None,
                    help="default: the model's published choice")
@@ -53,7 +54,7 @@ def add_latency_parser(sub) -> argparse.ArgumentParser:
                    help="input shape; default 3,32,32")
     p.add_argument("--num-classes", type=argtype("--num-classes", int, 1), default=10)
     p.add_argument("--batch", type=argtype("--batch", int, 1), required=True)
-    p.add_argument("--threads", type=argtype("--threads", int, 1), default=None,
+    p.add_argument("--threads", type=argtype("--threads", int, 1, hi=max_threads()), default=None,
                    help="torch CPU threads; default torch's own")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N; default cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -88,6 +89,8 @@ def run_latency_table(ns: argparse.Namespace, parser: argparse.ArgumentParser) -
         parser.error(f"--device must be cpu, cuda or cuda:N, got {ns.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
+    if ns.out is not None and Path(ns.out).is_dir():
+        parser.error(f"--out must be a JSON file to write, got the folder {ns.out}")
     torch.manual_seed(ns.seed)
     try:
         model = build_model(ns.model, ns.num_classes, ns.input[0], ns.width, ns.shortcut).eval()
@@ -108,7 +111,10 @@ def run_latency_table(ns: argparse.Namespace, parser: argparse.ArgumentParser) -
     if steady and table.key.allocator != "steady":
         parser.error("--allocator steady: this platform has no glibc mallopt; use "
                      "--allocator as-is")
-    path = save_table(table, ns.out or default_path(table.model, table.key))
+    try:
+        path = save_table(table, ns.out or default_path(table.model, table.key))
+    except OSError as e:
+        parser.error(f"cannot write the table: {e}")
     if table.meta["disturbed"] or (table.meta.get("fit") or {}).get("disturbed"):
         print("warning: other processes kept the machine busy while timing (fewer quiet rounds "
               "than --repeats): the table is disturbed; measure again on a quiet machine",

@@ -9,6 +9,7 @@ import os
 import re
 from pathlib import Path
 
+from nn.checks import ConfigError
 from nn.io import atomic_write
 from nn.latency.table import LatencyKey, LatencyTable
 
@@ -46,14 +47,19 @@ def _no_constant(name: str):
 
 
 def load_table(path, key: LatencyKey | None = None) -> LatencyTable:
-    """Read a table written by :func:`save_table`; with ``key``, refuse (``ValueError``) a table
-    measured under another one."""
+    """Read a table written by :func:`save_table`; with ``key``, refuse a table measured under
+    another one.  A file that is not such a table, or a table of another key: a one-line
+    :class:`~nn.checks.ConfigError` (a ``ValueError``) naming the file."""
     path = Path(path)
     try:
         d = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
         table = LatencyTable.from_dict(d)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: not a latency table written by python -m nn latency-table "
+                          f"({' '.join(str(e).split())})") from None
     if key is not None:
-        table.check_key(key, str(path))
+        try:
+            table.check_key(key, str(path))
+        except ValueError as e:
+            raise ConfigError(" ".join(str(e).split())) from None
     return table

@@ -12,6 +12,7 @@ of a unit is about ``(C_in / g) (C_out / g)`` for granularity ``g``.
 
 from __future__ import annotations
 
+import logging
 import random
 import statistics
 import time
@@ -31,6 +32,8 @@ from nn.models.resnet.structures import arch_of
 
 __all__ = ["grid_of", "measure_table", "random_config", "measure_networks", "fit_line",
            "fit_configs", "pruned_networks", "fit_table", "fit_constant"]
+
+log = logging.getLogger(__name__)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -120,7 +123,9 @@ def measure_networks(nets: list[tnn.Module], input_size, batch: int, device="cpu
                      progress: bool = True) -> tuple[list[float], dict]:
     """Median latency (ms) of each network of ``nets`` (moved to ``device``/``dtype``,
     ``eval()``) on one random batch of ``batch`` inputs of shape ``input_size``, all networks
-    interleaved (module docstring); also the :func:`~nn.latency.timing.timed_rounds` record."""
+    interleaved (module docstring); also the :func:`~nn.latency.timing.timed_rounds` record.
+    A disturbed measurement (fewer quiet rounds than ``repeats``) is logged as a warning with
+    the load seen: the most cores other processes used in a segment."""
     dt = _dtype(dtype)
     with timing_settings(threads, steady):
         x = Tensors(device, dt, seed).get((batch, *input_size))
@@ -130,6 +135,12 @@ def measure_networks(nets: list[tnn.Module], input_size, batch: int, device="cpu
                   unit="call", disable=not progress, leave=False) as bar:
             res = timed_rounds(fns, repeats, warmup, device, seed, bar, quiet,
                                spare_cores(device, threads), patience_s)
+    if res["disturbed"]:
+        seen = [c for c in res["foreign_cores"] if c is not None]
+        log.warning("latency at batch %d: only %d of %d timed rounds were quiet (other "
+                    "processes used up to %s cores): the medians are disturbed; measure again "
+                    "on a quiet machine", batch, res["quiet_rounds"], res["rounds"],
+                    f"{max(seen):.2f}" if seen else "an unknown number of")
     return [statistics.median(t) for t in res["ms"]], res
 
 

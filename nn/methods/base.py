@@ -17,11 +17,14 @@ defines one subclass and registers an instance in :mod:`nn.methods`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 __all__ = ["Method", "Run", "Training", "writer_pieces", "per_structure"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,8 +33,8 @@ class Run:
     dense ``model`` (seeded initial weights, on ``device``; trained in place unless the method
     wraps it), its ``structures`` (every prunable family) and ``pruned`` (the kinds this run
     prunes), the dense ``macs``/``params``, the data ``bundle``, the DDP ``rank``/``world``,
-    the training loader's ``steps_per_epoch``, and ``calibration()``: the fixed unaugmented
-    training subset that selections evaluate on."""
+    the training loader's ``steps_per_epoch``, ``calibration()``: the fixed unaugmented
+    training subset that selections evaluate on, and ``progress()``: the bar of a long phase."""
 
     config: object
     model: torch.nn.Module
@@ -51,6 +54,18 @@ class Run:
         c = self.config
         return subset_loader(self.bundle, c.selection.bisect_images, c.optim.eval_batch_size,
                              self.rank, self.world)
+
+    def progress(self, total: int, desc: str):
+        """A progress bar for a long phase (e.g. a selection's evaluations): shown on rank 0
+        when the run's ``runtime.progress`` is on; with ``desc`` logged as the phase begins
+        either way, so a phase never runs in silence."""
+        from tqdm.auto import tqdm
+
+        main = self.rank == 0
+        if main:
+            log.info("%s ...", desc)
+        return tqdm(total=total, desc=desc.split(":")[0], leave=False, dynamic_ncols=True,
+                    disable=not (main and self.config.runtime.progress))
 
 
 @dataclass

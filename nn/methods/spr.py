@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from mipprune.penalty import spr
+from nn.checks import existing_file
 from nn.methods.base import Method, Training
 from nn.regularizer import SPRConfig, SPRRegularizer
 
@@ -43,6 +44,8 @@ class SPROptions:
     def __post_init__(self):
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.reference is not None:
+            existing_file("reference", self.reference)
 
 
 class SPR(Method):

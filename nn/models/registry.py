@@ -21,11 +21,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn as tnn
 
 from nn.complexity import layer_macs
-from nn.io import atomic_write
+from nn.io import read_torch, save_torch
 from nn.models.structures import Family
 
 __all__ = ["ModelFamily", "FAMILIES", "MODELS", "register_family", "family_of", "build_model",
@@ -142,15 +141,20 @@ def save_pruned(model: tnn.Module, path) -> Path:
         raise ValueError(f"save_pruned expects a compressed network ({names}), got "
                          f"{type(model).__name__}")
     path = Path(path)
-    blob = {"spec": model.spec, "state_dict": model.state_dict()}
-    atomic_write(path, lambda fh: torch.save(blob, fh))
+    save_torch(path, {"spec": model.spec, "state_dict": model.state_dict()})
     return path
 
 
 def load_pruned(path, map_location="cpu") -> tnn.Module:
-    """Read a file written by :func:`save_pruned` with ``weights_only=True``; returns the model
-    in ``eval()`` mode, ready for inference."""
-    blob = torch.load(path, map_location=map_location, weights_only=True)
+    """Read a file written by :func:`save_pruned`: every record's CRC-32 checked, then loaded
+    with ``weights_only=True`` (:func:`nn.io.read_torch`); returns the model in ``eval()``
+    mode, ready for inference.  The family's ``from_spec`` validates the spec and the
+    state_dict against it; anything wrong (a damaged file, one torch cannot read, an unknown
+    format, a bad spec entry, a tensor of the wrong shape) is a one-line ``ValueError`` naming
+    ``path`` (a missing file is a ``FileNotFoundError``)."""
+    if not Path(path).exists() or Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no such pruned model file")
+    blob = read_torch(path, map_location)  # CRC-32 of every record, then weights_only=True
     if not isinstance(blob, dict) or "spec" not in blob or "state_dict" not in blob:
         raise ValueError(f"{path}: not a pruned model file (keys 'spec', 'state_dict' expected)")
     fmt = blob["spec"].get("format") if isinstance(blob["spec"], dict) else None
@@ -158,4 +162,7 @@ def load_pruned(path, map_location="cpu") -> tnn.Module:
     if family is None:
         raise ValueError(f"{path}: unknown pruned-model format {fmt!r}; known: "
                          f"{sorted(f.spec_format for f in FAMILIES.values())}")
-    return family.from_spec(blob["spec"], blob["state_dict"]).eval()
+    try:
+        return family.from_spec(blob["spec"], blob["state_dict"]).eval()
+    except ValueError as e:
+        raise ValueError(f"{path}: {' '.join(str(e).split())}") from None

@@ -9,12 +9,13 @@ resume, mixed precision on GPU and data parallelism through ``torchrun``.  Its p
 :mod:`~nn.training.checkpoint` (checkpoint and metrics files, the resume rule).
 """
 
-from nn.training.checkpoint import CHECKPOINT, METRICS, TIMING_KEYS, load_checkpoint
+from nn.training.checkpoint import (CHECKPOINT, METRICS, TIMING_KEYS, load_checkpoint,
+                                    load_model_state)
 from nn.training.config import TrainConfig, TrainResult
-from nn.training.loop import train
+from nn.training.loop import NonFiniteError, train
 from nn.training.runtime import distributed_env, resolve_device, seed_all, unwrap
 from nn.training.schedule import lr_at, make_optimizer
 
-__all__ = ["TrainConfig", "TrainResult", "train", "lr_at", "make_optimizer", "distributed_env",
-           "unwrap", "resolve_device", "seed_all", "load_checkpoint", "TIMING_KEYS",
-           "CHECKPOINT", "METRICS"]
+__all__ = ["TrainConfig", "TrainResult", "train", "NonFiniteError", "lr_at", "make_optimizer",
+           "distributed_env", "unwrap", "resolve_device", "seed_all", "load_checkpoint",
+           "load_model_state", "TIMING_KEYS", "CHECKPOINT", "METRICS"]

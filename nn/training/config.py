@@ -9,6 +9,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from nn.checks import FLOAT32_MAX
+
 __all__ = ["TrainConfig", "TrainResult"]
 
 _SCHEDULES = ("cosine", "multistep", "constant")
@@ -65,15 +67,17 @@ class TrainConfig:
     def __post_init__(self):
         if not _int(self.epochs) or self.epochs < 1:
             raise ValueError(f"epochs must be an int >= 1, got {self.epochs!r}")
-        if not _number(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr must be a number > 0, got {self.lr!r}")
+        if not _number(self.lr) or not 0 < self.lr <= FLOAT32_MAX:
+            raise ValueError(f"lr must be a number > 0 and <= {FLOAT32_MAX:.6g} (the largest "
+                             f"float32), got {self.lr!r}")
         if not _number(self.momentum) or not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if not isinstance(self.nesterov, bool) or (self.nesterov and self.momentum == 0):
             raise ValueError(f"nesterov must be a bool and needs momentum > 0, got "
                              f"nesterov={self.nesterov!r} with momentum={self.momentum!r}")
-        if not _number(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if not _number(self.weight_decay) or not 0 <= self.weight_decay <= FLOAT32_MAX:
+            raise ValueError(f"weight_decay must be a number >= 0 and <= {FLOAT32_MAX:.6g} (the "
+                             f"largest float32), got {self.weight_decay!r}")
         if self.schedule not in _SCHEDULES:
             raise ValueError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
         ms = tuple(self.milestones) if isinstance(self.milestones, (list, tuple)) else None
@@ -98,6 +102,9 @@ class TrainConfig:
                              f"got {self.device!r}")
         if self.amp not in _AMP:
             raise ValueError(f"amp must be one of {_AMP}, got {self.amp!r}")
+        if self.device == "cpu" and self.amp in ("on", "bf16", "fp16"):
+            raise ValueError(f"amp={self.amp!r} needs a CUDA device, got device 'cpu' (use "
+                             f"'auto' or 'off')")
         for label in ("channels_last", "compile", "deterministic", "progress"):
             if not isinstance(getattr(self, label), bool):
                 raise ValueError(f"{label} must be a bool, got {getattr(self, label)!r}")

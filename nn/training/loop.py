@@ -26,7 +26,9 @@ The rest of the contract lives with the code it describes: the learning-rate for
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -39,18 +41,62 @@ from torch import nn as tnn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from nn.checks import ConfigError
 from nn.training.checkpoint import (CHECKPOINT, METRICS, TIMING_KEYS, append_metrics,
-                                    check_resumable, jsonable, load_checkpoint, save_checkpoint,
-                                    write_metrics)
+                                    check_resumable, jsonable, load_checkpoint,
+                                    load_model_state, save_checkpoint, write_metrics)
 from nn.training.config import TrainConfig, TrainResult
 from nn.training.runtime import (autocast_dtype, distributed_env, init_group,
                                  library_versions, resolve_device, rng_state, seed_all,
                                  set_rng_state, unwrap)
 from nn.training.schedule import lr_at, make_optimizer
 
-__all__ = ["train"]
+__all__ = ["train", "NonFiniteError"]
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteError(ConfigError):
+    """Training met a value that is not finite -- the loss of a step (its cross-entropy or the
+    extra term), a weight or buffer after an epoch (e.g. the variational gates' ``theta``), the
+    test loss or an ``epoch_metrics`` value -- and stopped there: every later step would only
+    carry the NaN on.  The message says what, where (stage, epoch, step) and what to try."""
+
+
+def _kind(x: float) -> str:
+    return "nan" if math.isnan(x) else "inf" if math.isinf(x) else "finite"
+
+
+def _hint(amp_dtype, penalty: bool) -> str:
+    tips = (["a smaller penalty strength (--lam)"] if penalty else []) + [
+        "a lower learning rate (--lr, --finetune-lr)"] + (
+        ["mixed precision off (--amp off)"] if amp_dtype is not None else [])
+    return "training stopped; try " + " or ".join(filter(None, (", ".join(tips[:-1]),
+                                                               tips[-1])))
+
+
+def _first_nonfinite_tensor(module: tnn.Module) -> str | None:
+    """The name of the first floating parameter or buffer of ``module`` holding a value that
+    is not finite (one device sync), else None."""
+    named = [(n, t) for n, t in itertools.chain(module.named_parameters(),
+                                                 module.named_buffers()) if t.is_floating_point()]
+    if not named:
+        return None
+    ok = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu()
+    return None if bool(ok.all()) else named[int((~ok).nonzero()[0])][0]
+
+
+def _first_nonfinite_value(x, key: str = "") -> str | None:
+    """The key (dotted path) of the first float in the plain-JSON value ``x`` that is not
+    finite, else None."""
+    if isinstance(x, float):
+        return None if math.isfinite(x) else key
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else ()
+    for k, v in items:
+        bad = _first_nonfinite_value(v, f"{key}.{k}" if key else str(k))
+        if bad is not None:
+            return bad
+    return None
 
 
 def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
@@ -71,6 +117,12 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
     ``out_dir/checkpoint.pt`` when it exists (else starts afresh): weights, optimizer, schedule,
     RNG and loader states, epoch counter; the metrics log is cut back to the checkpoint's epoch.
     ``test_loader`` may be None (no evaluation).
+
+    A step whose loss (cross-entropy or extra term) is not finite stops training with a
+    :class:`NonFiniteError` saying where -- before its backward pass on the CPU (checked every
+    step), within ``log_every`` steps on CUDA (a check reads the device), at the epoch's end
+    under DDP (all ranks stop together) -- and so do weights, buffers, the test loss or
+    ``epoch_metrics`` values that are not finite after an epoch: the history never holds a NaN.
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -137,7 +189,7 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
                 ckpt = box[0]
         if ckpt is not None:
             check_resumable(ckpt["config"], config, steps_per_epoch, ckpt)
-            module.load_state_dict(ckpt["model"])
+            load_model_state(module, ckpt, ckpt_path)
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             if ckpt["scaler"]:
@@ -185,13 +237,35 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
+        # the loss guard reads the device: every step on the CPU (free), else every log_every
+        check_every = config.log_every if device.type == "cuda" else 1
+
+        def stop_if_nonfinite(sums, epoch):
+            """Raise :class:`NonFiniteError` if a loss of this epoch so far was not finite;
+            ``sums[5]`` counts the steps before the first such one (per rank)."""
+            ce_sum, extra_sum = float(sums[0]), float(sums[3])
+            if math.isfinite(ce_sum) and math.isfinite(extra_sum):
+                return
+            first = sums[5:6].clone()
+            if world > 1:  # every rank got here: the sums are all-reduced
+                dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            at = int(first) + 1
+            bad = _kind(ce_sum) if not math.isfinite(ce_sum) else _kind(extra_sum)
+            terms = f"cross-entropy {_kind(ce_sum)}" + (
+                f", extra loss {_kind(extra_sum)}" if extra_loss is not None else "")
+            raise NonFiniteError(
+                f"{name}: the loss is {bad} at epoch {epoch + 1}/{config.epochs}, step "
+                f"{at}/{steps_per_epoch} (step {epoch * steps_per_epoch + at} overall; {terms}); "
+                + _hint(amp_dtype, not math.isfinite(extra_sum)))
+
         for epoch in range(start_epoch, config.epochs):
             # ---- 5. train one epoch ---------------------------------------------------------
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
             net.train()
-            # ce * n, correct, n, extra, steps (summed on the device: no sync a step)
-            sums = torch.zeros(5, dtype=torch.float64, device=device)
+            # ce * n, correct, n, extra, steps, steps before the first non-finite loss (summed
+            # on the device: no sync a step off the CPU)
+            sums = torch.zeros(6, dtype=torch.float64, device=device)
             t0 = time.perf_counter()
             bar = tqdm(total=steps_per_epoch, desc=f"{name} {epoch + 1}/{config.epochs}",
                        disable=not (config.progress and is_main), leave=False,
@@ -208,6 +282,16 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
                     if extra_loss is not None:
                         extra = extra_loss(module)
                         loss = loss + extra
+                    with torch.no_grad():
+                        sums[0] += ce.detach() * y.shape[0]
+                        sums[1] += (logits.argmax(1) == y).sum()
+                        sums[2] += y.shape[0]
+                        if extra is not None:
+                            sums[3] += extra.detach()
+                        sums[4] += 1
+                        sums[5] += torch.isfinite(sums[0] + sums[3])  # NaN and inf stay
+                    if world == 1 and ((i + 1) % check_every == 0 or i + 1 == steps_per_epoch):
+                        stop_if_nonfinite(sums, epoch)
                     scaler.scale(loss).backward()
                     if after_backward is not None:
                         after_backward(module, ce.detach(), x, y)
@@ -217,13 +301,6 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
                     step += 1
                     if after_step is not None:
                         after_step(module)
-                    with torch.no_grad():
-                        sums[0] += ce.detach() * y.shape[0]
-                        sums[1] += (logits.argmax(1) == y).sum()
-                        sums[2] += y.shape[0]
-                        if extra is not None:
-                            sums[3] += extra.detach()
-                        sums[4] += 1
                     if not bar.disable and ((i + 1) % config.log_every == 0
                                             or i + 1 == steps_per_epoch):
                         bar.set_postfix(loss=f"{loss.item():.4f}",
@@ -232,8 +309,11 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
             sync()
             train_time = time.perf_counter() - t0
             if world > 1:
+                ok_steps = sums[5].clone()
                 dist.all_reduce(sums)
-            ce_sum, train_correct, train_seen, extra_sum, steps_done = sums.tolist()
+                sums[5] = ok_steps  # this rank's, for the guard
+            stop_if_nonfinite(sums, epoch)
+            ce_sum, train_correct, train_seen, extra_sum, steps_done, _ = sums.tolist()
             if train_seen == 0:
                 raise ValueError(f"train_loader yielded no samples in epoch {epoch + 1}")
             record = {"epoch": epoch + 1, "step": step,
@@ -246,6 +326,11 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
             if world > 1:
                 for b in module.buffers():
                     dist.broadcast(b, src=0)
+            broken = _first_nonfinite_tensor(module)  # the same on every rank
+            if broken is not None:
+                raise NonFiniteError(f"{name}: {broken} is not finite after epoch {epoch + 1}/"
+                                     f"{config.epochs} (the losses were); "
+                                     + _hint(amp_dtype, extra_loss is not None))
             t1 = time.perf_counter()
             if test_loader is not None:
                 eval_net.eval()
@@ -261,6 +346,11 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
                 loss_sum, correct, seen = reduce(ev.tolist())
                 if seen == 0:
                     raise ValueError("test_loader yielded no samples")
+                if not math.isfinite(loss_sum):
+                    raise NonFiniteError(f"{name}: the test loss is {_kind(loss_sum)} after epoch "
+                                         f"{epoch + 1}/{config.epochs} (the training losses and "
+                                         f"weights were finite); "
+                                         + _hint(amp_dtype, extra_loss is not None))
                 record["test_loss"], record["test_acc"] = loss_sum / seen, correct / seen
                 if best_acc is None or record["test_acc"] > best_acc:
                     best_acc, best_epoch = record["test_acc"], epoch + 1
@@ -275,10 +365,15 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
                 clash = sorted(set(more) & (set(record) | set(TIMING_KEYS)))
                 if clash:
                     raise ValueError(f"epoch_metrics returned reserved key(s) {clash}")
+                broken = _first_nonfinite_value(more)
+                if broken is not None:
+                    raise NonFiniteError(f"{name}: the epoch metric {broken} is not finite after "
+                                         f"epoch {epoch + 1}/{config.epochs}; "
+                                         + _hint(amp_dtype, extra_loss is not None))
                 record.update(more)
             record.update(time=train_time + eval_time, train_time=train_time,
                           eval_time=eval_time, images_per_s=train_seen / train_time
-                          if train_time > 0 else float("nan"))
+                          if train_time > 0 else None)  # None: too fast for the clock
             history.append(record)
             if is_main:
                 if out_dir is not None:
@@ -287,7 +382,9 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
                            f"loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}"
                            + (f" | test loss {record['test_loss']:.4f} acc "
                               f"{record['test_acc']:.4f}" if "test_acc" in record else "")
-                           + f" | lr {record['lr']:.4g} | {record['images_per_s']:.0f} img/s")
+                           + f" | lr {record['lr']:.4g} | "
+                           + (f"{record['images_per_s']:.0f}" if record["images_per_s"] else "-")
+                           + " img/s")
                 if config.progress:
                     tqdm.write(summary)
                 else:

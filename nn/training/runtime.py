@@ -29,6 +29,8 @@ import torch.distributed as dist
 from torch import nn as tnn
 from torch.nn.parallel import DistributedDataParallel
 
+from nn.checks import ConfigError
+
 __all__ = ["distributed_env", "unwrap", "resolve_device", "seed_all", "init_group",
            "autocast_dtype", "rng_state", "set_rng_state", "library_versions"]
 
@@ -59,16 +61,20 @@ def unwrap(model: tnn.Module) -> tnn.Module:
 
 def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     """``"auto"``: ``cuda:local_rank`` when CUDA is present, else CPU; ``"cuda"``:
-    ``cuda:local_rank``.  A CUDA device that is not there is a ``ValueError``."""
+    ``cuda:local_rank``.  A CUDA device that is not there is a :class:`~nn.checks.ConfigError`
+    (a ``ValueError``)."""
+    asked = spec
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cuda":
         spec = f"cuda:{local_rank}"
     device = torch.device(spec)
-    if device.type == "cuda" and not (torch.cuda.is_available()
-                                      and device.index < torch.cuda.device_count()):
-        raise ValueError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA "
-                         f"device(s) are available")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {asked!r} needs CUDA, and this machine has no CUDA device "
+                          f"(or this torch build has no CUDA): use device 'cpu' or 'auto'")
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA "
+                          f"device(s) are available")
     return device
 
 
@@ -90,10 +96,10 @@ def autocast_dtype(amp: str, device: torch.device):
     """The autocast dtype of ``TrainConfig.amp`` on ``device``; None: full precision.
 
     ``"auto"``/``"on"`` on CUDA: bf16 where supported, else fp16; off the GPU only ``"auto"``
-    and ``"off"`` are allowed (both give None)."""
+    and ``"off"`` are allowed (both give None; the others: :class:`~nn.checks.ConfigError`)."""
     if device.type != "cuda":
         if amp in ("on", "bf16", "fp16"):
-            raise ValueError(f"amp={amp!r} needs a CUDA device, got {device} (use 'auto' or "
+            raise ConfigError(f"amp={amp!r} needs a CUDA device, got {device} (use 'auto' or "
                              f"'off')")
         return None
     if amp == "off":

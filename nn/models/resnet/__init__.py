@@ -8,13 +8,13 @@ from nn.models.resnet import forward
 from nn.models.resnet.model import (MODELS, BasicBlock, Bottleneck, PadShortcut, ResNet,
                                     build_model)
 from nn.models.resnet.pruned import (SPEC_FORMAT, IndexShortcut, PrunedBlock, PrunedResNet,
-                                     from_spec)
+                                     check_spec, from_spec)
 from nn.models.resnet.structures import BlockInfo, Layout, arch_of, build_families, layout
 from nn.models.resnet.surgery import apply_masks, apply_masks_, compress
 
 __all__ = ["FAMILY", "forward", "MODELS", "BasicBlock", "Bottleneck", "PadShortcut", "ResNet",
            "build_model", "SPEC_FORMAT", "IndexShortcut", "PrunedBlock", "PrunedResNet",
-           "from_spec", "BlockInfo", "Layout", "arch_of", "build_families", "layout",
+           "check_spec", "from_spec", "BlockInfo", "Layout", "arch_of", "build_families", "layout",
            "apply_masks", "apply_masks_", "compress"]
 
 FAMILY = ModelFamily(name="resnet", models=MODELS, build=build_model, check=layout,

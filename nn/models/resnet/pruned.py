@@ -16,6 +16,12 @@ any class (:func:`nn.models.save_pruned`, :func:`nn.models.load_pruned`).  Spec 
              "index": None | [int, ...], "shortcut": "identity" | "conv" | "pad",
              "pad_src": [int, ...], "pad_dst": [int, ...]}
 
+:func:`check_spec` validates a spec whole before anything is built (every field's type and
+range, distinct in-range indices, each block reading the width the previous one writes), and
+:func:`from_spec` the state_dict's names, shapes and dtypes against it: a damaged file is a
+``ValueError`` naming the first bad entry at load time, never a failure at the first forward
+(or, for a duplicated index, silently different logits).
+
 A block computes ``relu(shortcut(x) + scatter_index(branch(x)))`` (the shared
 :func:`nn.models.resnet.forward.block`): the branch writes
 ``len(index)`` of the ``out`` stream channels (``index = None``: all of them, a plain add;
@@ -32,9 +38,121 @@ from torch import nn as tnn
 
 from nn.models.resnet import forward as fwd
 
-__all__ = ["SPEC_FORMAT", "PrunedResNet", "PrunedBlock", "IndexShortcut", "from_spec"]
+__all__ = ["SPEC_FORMAT", "PrunedResNet", "PrunedBlock", "IndexShortcut", "check_spec",
+           "from_spec"]
 
 SPEC_FORMAT = "mipprune.nn.pruned-resnet/1"
+
+_BLOCK_KEYS = ("source", "kind", "in", "out", "stride", "mid", "branch", "index", "shortcut",
+               "pad_src", "pad_dst")
+_MIDS = {"basic": 1, "bottleneck": 2}  # inner widths of a block's conv branch
+
+
+def _int(where: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"spec {where} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def _pick(where: str, v, choices):
+    if not isinstance(v, str) or v not in choices:
+        raise ValueError(f"spec {where} must be one of {choices}, got {v!r}")
+    return v
+
+
+def _indices(where: str, v, size: int, empty: bool = True) -> list:
+    """``v`` if it is a list of distinct ints in ``[0, size)`` (non-empty unless ``empty``)."""
+    if not isinstance(v, list) or (not v and not empty):
+        raise ValueError(f"spec {where} must be a {'' if empty else 'non-empty '}list of "
+                         f"channel indices, got {v!r}")
+    seen = set()
+    for i, j in enumerate(v):
+        if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < size:
+            raise ValueError(f"spec {where}[{i}] must be a channel index in [0, {size}), "
+                             f"got {j!r}")
+        if j in seen:
+            raise ValueError(f"spec {where}[{i}] repeats channel {j}: indices must be distinct")
+        seen.add(j)
+    return v
+
+
+def _check_block(where: str, b, width_in: int, width_out: int) -> None:
+    if not isinstance(b, dict):
+        raise ValueError(f"spec {where} must be a dict, got {type(b).__name__}")
+    missing = [k for k in _BLOCK_KEYS if k not in b]
+    if missing:
+        raise ValueError(f"spec {where} lacks {missing[0]!r}")
+    if not isinstance(b["source"], str):
+        raise ValueError(f"spec {where}.source must be a string, got {b['source']!r}")
+    kind = _pick(f"{where}.kind", b["kind"], tuple(_MIDS))
+    c_in, c_out = _int(f"{where}.in", b["in"], 1), _int(f"{where}.out", b["out"], 1)
+    stride = _int(f"{where}.stride", b["stride"], 1)
+    if c_in != width_in:
+        raise ValueError(f"spec {where}.in is {c_in}, but the stream it reads has {width_in} "
+                         f"channels")
+    if c_out != width_out:
+        raise ValueError(f"spec {where}.out is {c_out}, but its stage's width is {width_out}")
+    branch = _pick(f"{where}.branch", b["branch"], ("convs", "const", "none"))
+    if b["index"] is not None:
+        _indices(f"{where}.index", b["index"], c_out, empty=branch == "none")
+    if not isinstance(b["mid"], list):
+        raise ValueError(f"spec {where}.mid must be a list of widths, got {b['mid']!r}")
+    if branch == "convs":
+        if len(b["mid"]) != _MIDS[kind]:
+            raise ValueError(f"spec {where}.mid must hold {_MIDS[kind]} width(s) for a {kind} "
+                             f"block, got {b['mid']!r}")
+        for i, w in enumerate(b["mid"]):
+            _int(f"{where}.mid[{i}]", w, 1)
+    shortcut = _pick(f"{where}.shortcut", b["shortcut"], ("identity", "conv", "pad"))
+    if shortcut == "identity" and (c_in != c_out or stride != 1):
+        raise ValueError(f"spec {where}: an identity shortcut needs in == out and stride 1, got "
+                         f"in {c_in}, out {c_out}, stride {stride}")
+    src = _indices(f"{where}.pad_src", b["pad_src"], c_in)
+    dst = _indices(f"{where}.pad_dst", b["pad_dst"], c_out)
+    if len(src) != len(dst):
+        raise ValueError(f"spec {where}: pad_src and pad_dst differ in length: {len(src)} != "
+                         f"{len(dst)}")
+
+
+def check_spec(spec) -> dict:
+    """``spec`` if it is a whole, consistent pruned-ResNet spec (module docstring); else a
+    ``ValueError`` naming the first bad entry (e.g. ``stages[1][0].index[2]``) and what is
+    allowed.  Widths chain: the stem writes ``stem.out`` channels, each block reads what the
+    previous one wrote and writes its stage's width, the classifier reads the last."""
+    if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT:
+        raise ValueError(f"not a pruned-ResNet spec (format {SPEC_FORMAT!r} expected)")
+    for key in ("in_channels", "num_classes", "stem", "widths", "stages"):
+        if key not in spec:
+            raise ValueError(f"spec lacks {key!r}")
+    _int("in_channels", spec["in_channels"], 1)
+    _int("num_classes", spec["num_classes"], 1)
+    st = spec["stem"]
+    if not isinstance(st, dict):
+        raise ValueError(f"spec stem must be a dict, got {type(st).__name__}")
+    for key, lo in (("out", 1), ("kernel", 1), ("stride", 1), ("padding", 0)):
+        _int(f"stem.{key}", st.get(key), lo)
+    if not isinstance(st.get("maxpool"), bool):
+        raise ValueError(f"spec stem.maxpool must be a bool, got {st.get('maxpool')!r}")
+    widths, stages = spec["widths"], spec["stages"]
+    if not isinstance(stages, list) or not stages:
+        raise ValueError(f"spec stages must be a non-empty list of lists of blocks, "
+                         f"got {stages!r}")
+    if not isinstance(widths, list) or len(widths) != len(stages):
+        raise ValueError(f"spec widths must be a list of {len(stages)} ints (one per stage), "
+                         f"got {widths!r}")
+    for s, w in enumerate(widths):
+        _int(f"widths[{s}]", w, 1)
+    running = st["out"]
+    for s, blocks in enumerate(stages):
+        if not isinstance(blocks, list):
+            raise ValueError(f"spec stages[{s}] must be a list of blocks, got {blocks!r}")
+        for k, b in enumerate(blocks):
+            _check_block(f"stages[{s}][{k}]", b, running, widths[s])
+            running = b["out"]
+    if running != widths[-1]:
+        raise ValueError(f"spec widths[-1] is {widths[-1]}, but the last block writes "
+                         f"{running} channels (the classifier reads widths[-1])")
+    return spec
 
 
 class IndexShortcut(tnn.Module):
@@ -107,9 +225,7 @@ class PrunedResNet(tnn.Module):
 
     def __init__(self, spec: dict):
         super().__init__()
-        if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT:
-            raise ValueError(f"not a pruned-ResNet spec (format {SPEC_FORMAT!r} expected)")
-        self.spec = spec
+        self.spec = check_spec(spec)
         st = spec["stem"]
         self.conv1 = tnn.Conv2d(spec["in_channels"], st["out"], st["kernel"], st["stride"],
                                 st["padding"], bias=False)
@@ -124,11 +240,40 @@ class PrunedResNet(tnn.Module):
         return fwd.network(self, x)
 
 
+def _check_state(state_dict, model: PrunedResNet) -> None:
+    """``ValueError`` naming the first tensor of ``state_dict`` that the spec's network does not
+    have, lacks, or holds with another shape; floating tensors must share one dtype."""
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor)
+                                                   for v in state_dict.values()):
+        raise ValueError("state_dict must map names to tensors")
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+    if missing or extra:
+        raise ValueError("state_dict does not fit the spec: "
+                         + (f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}")
+                         + f" ({len(missing)} missing, {len(extra)} unexpected names)")
+    dtypes = set()
+    for name, t in own.items():
+        have = state_dict[name]
+        if tuple(have.shape) != tuple(t.shape):
+            raise ValueError(f"state_dict does not fit the spec: {name} has shape "
+                             f"{tuple(have.shape)}, the spec's network {tuple(t.shape)}")
+        if have.is_floating_point() != t.is_floating_point():
+            raise ValueError(f"state_dict entry {name} is {have.dtype}, expected a "
+                             f"{'floating' if t.is_floating_point() else 'integer'} tensor")
+        if have.is_floating_point():
+            dtypes.add(have.dtype)
+    if len(dtypes) > 1:
+        raise ValueError(f"state_dict mixes dtypes {sorted(map(str, dtypes))}: expected one")
+
+
 def from_spec(spec: dict, state_dict: dict) -> PrunedResNet:
     """Build the module and take ``state_dict``'s tensors as they are (dtype and device kept;
-    built on the meta device first, so no random initialisation is spent)."""
+    built on the meta device first, so no random initialisation is spent).  The spec
+    (:func:`check_spec`) and the state_dict's names, shapes and dtypes are checked first."""
     with torch.device("meta"):
         model = PrunedResNet(spec)
+    _check_state(state_dict, model)
     model.load_state_dict(state_dict, strict=True, assign=True)
     assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     p = next(iter(state_dict.values()), None)
