@@ -77,8 +77,9 @@ def _array(name, x, ndim):
     return arr
 
 
-def _scalar(name, x) -> float:
-    """``x`` as a float: a number (not a boolean or a string), finite, of magnitude <= MAX_ABS."""
+def _scalar(name, x, of: str = "an instance") -> float:
+    """``x`` as a float: a number (not a boolean or a string), finite, of magnitude <= MAX_ABS
+    (the messages say it is one of the numbers ``of``)."""
     if isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype.kind in "iuf":
         x = x[()]
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, _NUMBERS):
@@ -90,7 +91,7 @@ def _scalar(name, x) -> float:
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {x}")
     if abs(x) > MAX_ABS:
-        raise ValueError(f"{name} = {x:g} is too large: the numbers of an instance must lie in "
+        raise ValueError(f"{name} = {x:g} is too large: the numbers of {of} must lie in "
                          f"[-{MAX_ABS:g}, {MAX_ABS:g}]")
     return x
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn as tnn
 
-__all__ = ["read_state_dict", "check_shapes", "load_weights"]
+__all__ = ["read_state_dict", "check_names", "check_shapes", "load_weights"]
 
 
 def read_state_dict(source) -> Mapping:
@@ -38,6 +38,16 @@ def read_state_dict(source) -> Mapping:
     return source
 
 
+def check_names(state: Mapping, own: Mapping, prefix: str = "weights do not fit the model") -> None:
+    """``ValueError`` (``prefix: ...``) naming the first name ``state`` lacks or has beyond
+    ``own``'s, with how many of each."""
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise ValueError(f"{prefix}: "
+                         + (f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}")
+                         + f" ({len(missing)} missing, {len(extra)} unexpected names)")
+
+
 def check_shapes(state: Mapping, own: Mapping, names=None, what: str = "weights") -> None:
     """``ValueError`` naming the first of ``names`` (default: every name of ``own``, the
     model's state) that ``state`` lacks or holds with another shape than ``own``'s (a file of
@@ -58,11 +68,7 @@ def load_weights(model: tnn.Module, source) -> tnn.Module:
     floating value is finite."""
     state = read_state_dict(source)
     own = model.state_dict()
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or extra:
-        raise ValueError("weights do not fit the model: "
-                         + (f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}")
-                         + f" ({len(missing)} missing, {len(extra)} unexpected names)")
+    check_names(state, own)
     check_shapes(state, own)
     broken = next((n for n, t in state.items()
                    if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)

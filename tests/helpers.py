@@ -1,5 +1,7 @@
 """Helpers shared by several test modules (plain functions; fixtures live in conftest)."""
 
+import json
+
 import torch
 from torch import nn as tnn
 
@@ -15,3 +17,21 @@ def random_bn_(model, seed=0):
             mod.running_mean.copy_(0.3 * torch.randn(c, generator=g))
             mod.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
     return model
+
+
+def run_cli(main, capsys, *argv):
+    """``(exit code, stdout, stderr)`` of a command-line ``main(argv)`` (argparse's exits
+    included)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def strict_json(text):
+    """``json.loads`` that fails on the non-standard constants NaN and Infinity."""
+    def no_constant(name):
+        raise AssertionError(f"non-strict JSON constant {name}")
+    return json.loads(text, parse_constant=no_constant)

@@ -18,6 +18,8 @@ from mipprune import random_instance
 from mipprune.cli import _parser, main
 from mipprune.select import random_selection
 
+from helpers import run_cli, strict_json
+
 REPO = Path(mipprune.__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1"}
 BASE = {"Q": [[2.0, 0.5], [0.5, 1.0]], "c": [-1.0, 0.5], "groups": [[0], [1]],
@@ -25,18 +27,7 @@ BASE = {"Q": [[2.0, 0.5], [0.5, 1.0]], "c": [-1.0, 0.5], "groups": [[0], [1]],
 
 
 def _run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _strict(text):
-    def no_constant(name):
-        raise AssertionError(f"non-strict JSON constant {name}")
-    return json.loads(text, parse_constant=no_constant)
+    return run_cli(main, capsys, *argv)
 
 
 def _one_line_exit_2(code, out, err, needle):
@@ -67,7 +58,7 @@ def test_time_limit_caps_every_phase_and_seconds_is_the_wall_time(big_instance):
     out, err = p.communicate(timeout=60)
     wall = time.perf_counter() - t0
     assert p.returncode == 0, err
-    d = _strict(out)
+    d = strict_json(out)
     assert d["status"] == "time_limit"
     assert wall < 1 + 6  # the limit, plus reading the instance and starting Python
     assert 1.0 <= d["seconds"] <= wall
@@ -81,7 +72,7 @@ def test_enumeration_respects_the_time_limit(capsys, tmp_path):
     code, out, _ = _run(capsys, "solve", str(path), "--method", "enumerate", "--time-limit", "0.01",
                         "--json")
     wall = time.perf_counter() - t0
-    d = _strict(out)
+    d = strict_json(out)
     assert code == 0 and d["status"] == "time_limit"  # 2^16 patterns cannot be done in 10 ms
     assert 0.01 <= d["seconds"] <= wall
     assert d["lower_bound"] <= d["objective"] and d["patterns"] < 2 ** 16
@@ -123,7 +114,7 @@ def test_a_loose_gap_tolerance_is_not_called_optimal(capsys, tmp_path):
     path = tmp_path / "g20.json"
     random_instance(20, 3, seed=4).save(path)
     code, out, _ = _run(capsys, "solve", str(path), "--gap-tol", "0.1", "--json")
-    d = _strict(out)
+    d = strict_json(out)
     assert code == 0 and 1e-6 < d["gap"] <= 0.1  # 9.2% on this instance
     assert d["status"] == "within_tolerance"
     code, out, _ = _run(capsys, "solve", str(path), "--gap-tol", "0.1")
@@ -134,7 +125,7 @@ def test_select_with_a_loose_gap_is_not_called_optimal(capsys, tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps(random_selection(40, 20, seed=0).to_json()))
     code, out, _ = _run(capsys, "select", str(path), "--gap", "0.5", "--json")
-    d = _strict(out)
+    d = strict_json(out)
     assert code == 0 and d["gap"] > 1e-6 and d["status"] == "within_tolerance"
 
 
@@ -144,7 +135,7 @@ def test_validate_says_when_enumeration_was_skipped(capsys):
     assert "enumeration check was skipped on all of them" in out.splitlines()[-1]
     code, out, _ = _run(capsys, "validate", "--instances", "2", "--groups", "3", "--enumerate-max", "2",
                         "--json")
-    assert _strict(out)["enumeration_skipped"] == 2
+    assert strict_json(out)["enumeration_skipped"] == 2
 
 
 # ---- numbers out of range, wrong types ---------------------------------------------------------
@@ -208,7 +199,7 @@ def test_solve_reads_standard_input(capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(BASE)))
     code, out, err = _run(capsys, "solve", "-", "--json")
     assert code == 0 and err == ""
-    assert _strict(out)["status"] == "optimal"
+    assert strict_json(out)["status"] == "optimal"
     monkeypatch.setattr(sys, "stdin", io.StringIO("{"))
     _one_line_exit_2(*_run(capsys, "solve", "-"), "standard input is not valid JSON")
 
@@ -236,7 +227,7 @@ def test_negative_values_in_both_forms(capsys):
     for form in (["--w", "-0.3,0.1"], ["--w=-0.3,0.1"]):  # argparse took "-0.3,0.1" for an option
         code, out, _ = _run(capsys, "penalty", "--a", "1", "--b", "1", "--M", "1", *form, "--json")
         assert code == 0
-        d = _strict(out)
+        d = strict_json(out)
         # t = sqrt(0.1), u = 0.3, c = 1: u <= ct < 1 -> C2, value 2 t
         assert d["case"] == "C2" and d["value"] == pytest.approx(2 * 0.1 ** 0.5)
         assert d["grad"][0] < 0 < d["grad"][1]

@@ -20,6 +20,8 @@ from mipprune.select import (Family, Pairwise, SelectionProblem, SelectionResult
 
 from mipprune.select.milp import _highs_lp
 
+from helpers import run_cli, strict_json
+
 REPO = Path(__file__).resolve().parent.parent
 
 # budget fractions of the way from the cheapest to the dearest combination: < 0 infeasible,
@@ -364,18 +366,7 @@ def test_import_select_leaves_solvers_unloaded():
 
 # ---- command line -----------------------------------------------------------------------------
 def _cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _strict(text):
-    def no_constant(name):
-        raise AssertionError(f"non-strict JSON constant {name}")
-    return json.loads(text, parse_constant=no_constant)
+    return run_cli(main, capsys, *argv)
 
 
 def test_cli_json(capsys, tmp_path):
@@ -383,7 +374,7 @@ def test_cli_json(capsys, tmp_path):
     path.write_text(json.dumps(_base()))
     code, out, err = _cli(capsys, "select", str(path), "--json")
     assert code == 0 and err == ""
-    d = _strict(out)
+    d = strict_json(out)
     assert set(d) == {"widths", "value", "cost", "status", "gap", "seconds"}
     # budget 200: (a=8, s=16) costs 10 + 16 + 128 = 154, value 1 + 2 + 0.1 = 3.1;
     # (a=16, s=8) costs 10 + 8 + 128 = 146, value 1.5 + 1 = 2.5; (a=16, s=16) 282 > 200
@@ -404,12 +395,12 @@ def test_cli_infeasible_and_time_limit_exit_0(capsys, tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps(d))
     code, out, _ = _cli(capsys, "select", str(path), "--json")
-    assert code == 0 and _strict(out)["status"] == "infeasible" and _strict(out)["widths"] is None
+    assert code == 0 and strict_json(out)["status"] == "infeasible" and strict_json(out)["widths"] is None
     code, out, _ = _cli(capsys, "select", str(path))
     assert code == 0 and out.startswith("infeasible")
     path.write_text(json.dumps(resnet_selection(n=3, seed=2).to_json()))
     code, out, _ = _cli(capsys, "select", str(path), "--time-limit", "0", "--json")
-    assert code == 0 and _strict(out)["status"] == "time_limit"
+    assert code == 0 and strict_json(out)["status"] == "time_limit"
 
 
 @pytest.mark.parametrize("mutate,needle", BAD)
@@ -455,7 +446,7 @@ def test_cli_subprocess_stdout_is_only_json():
                        input=json.dumps(_base()), capture_output=True, text=True, cwd=REPO,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0 and r.stderr == ""
-    assert _strict(r.stdout)["widths"] == {"a": 8, "s": 16}
+    assert strict_json(r.stdout)["widths"] == {"a": 8, "s": 16}
     bad = subprocess.run([sys.executable, "-m", "mipprune", "select", "-"], input="{",
                          capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)})

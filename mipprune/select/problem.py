@@ -29,7 +29,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from ..instance import MAX_ABS
+from ..instance import MAX_ABS, _scalar
 
 __all__ = ["Family", "Unary", "Pairwise", "SelectionProblem", "FEAS_RTOL"]
 
@@ -37,18 +37,7 @@ FEAS_RTOL = 1e-9  # cost <= budget + FEAS_RTOL * scale (round-off only; see the 
 
 
 def _number(where, x) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{where} must be a number, got {x!r:.80}")
-    try:
-        x = float(x)
-    except OverflowError:
-        x = math.inf
-    if not math.isfinite(x):
-        raise ValueError(f"{where} must be finite, got {x}")
-    if abs(x) > MAX_ABS:
-        raise ValueError(f"{where} = {x:g} is too large: the numbers of a problem must lie in "
-                         f"[-{MAX_ABS:g}, {MAX_ABS:g}]")
-    return x
+    return _scalar(where, x, "a problem")
 
 
 def _floats(where, x, ndim) -> np.ndarray:

@@ -37,6 +37,7 @@ import torch
 from torch import nn as tnn
 
 from nn.models.resnet import forward as fwd
+from nn.weights import check_names
 
 __all__ = ["SPEC_FORMAT", "PrunedResNet", "PrunedBlock", "IndexShortcut", "check_spec",
            "from_spec"]
@@ -247,11 +248,7 @@ def _check_state(state_dict, model: PrunedResNet) -> None:
                                                    for v in state_dict.values()):
         raise ValueError("state_dict must map names to tensors")
     own = model.state_dict()
-    missing, extra = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
-    if missing or extra:
-        raise ValueError("state_dict does not fit the spec: "
-                         + (f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}")
-                         + f" ({len(missing)} missing, {len(extra)} unexpected names)")
+    check_names(state_dict, own, "state_dict does not fit the spec")
     dtypes = set()
     for name, t in own.items():
         have = state_dict[name]
