@@ -184,6 +184,11 @@ OPTIONS = {
         type=argtype("--bisect-images", int, 1), help="calibration images")),
     "--mac-target": ("selection", "mac_target", dict(
         type=argtype("--mac-target", float, 0, True, hi=1), help="fraction of dense MACs kept")),
+    "--importance": ("options", "importance", dict(
+        choices=("l1", "l2"), help="tp-magnitude: the group magnitude norm")),
+    "--round-to": ("options", "round_to", dict(
+        type=argtype("--round-to", int, 1), help="tp methods: pruned layers keep a multiple "
+        "of this many channels")),
     "--budget": ("selection", "budget", dict(help="stated budget met exactly by the MILP "
                  "selection: macs=F, params=F, latency=F (fractions of dense) or latency=Xms")),
     "--granularity": ("selection", "granularity", dict(

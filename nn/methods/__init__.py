@@ -22,6 +22,8 @@ _REGISTRY = {
     "slimming": "nn.methods.slimming:Slimming",
     "variational": "nn.methods.variational:Variational",
     "random": "nn.methods.random:RandomFilters",
+    "tp-groupnorm": "nn.methods.torch_pruning:TPGroupNorm",
+    "tp-magnitude": "nn.methods.torch_pruning:TPMagnitude",
 }
 
 METHODS = tuple(_REGISTRY)
