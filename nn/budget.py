@@ -32,7 +32,8 @@ import torch
 from nn.cost import TensorCost, tensor_costs
 
 __all__ = ["Budget", "BUDGET_KINDS", "candidate_widths", "carriers",
-           "count_terms", "build_problem", "widths_to_masks", "total", "select_to_budget"]
+           "count_terms", "build_problem", "widths_to_masks", "total", "check_reachable",
+           "select_to_budget"]
 
 BUDGET_KINDS = ("macs", "params", "latency")
 
@@ -286,11 +287,49 @@ def depth_search(run, sp, families, scores: dict[str, torch.Tensor],
                      "chosen": best[2], "calibration_acc": best[0]}
 
 
+def _count_problem(run, budget: Budget, block_carriers: dict[str, str]):
+    """``(terms, constant)`` of a MAC or parameter budget on ``run``'s pruned families."""
+    from nn.complexity import layer_macs
+
+    sizes = {f.name: f.size for f in run.pruned}
+    lm = layer_macs(run.model, run.input_size)
+    return count_terms(tensor_costs(run.model, run.structures, lm), budget.kind, sizes,
+                       block_carriers), 0.0
+
+
+def _unreachable(budget: Budget, limit: float, floor: float, dense_cost: float):
+    from nn.config import ConfigError
+
+    return ConfigError(f"budget {budget} ({limit:.6g}) cannot be met: the smallest network "
+                       f"the selection allows costs {floor:.6g} ({floor / dense_cost:.3f} of "
+                       f"dense); allow more (--granularity, --remove-blocks) or raise it")
+
+
+def check_reachable(run) -> None:
+    """Before training: a MAC or parameter budget that even the smallest network the
+    selection allows (every family at its smallest candidate width, every removable block
+    gone) exceeds is a :class:`~nn.config.ConfigError` now, not after the training.  These
+    costs do not depend on the weights; a latency budget is checked at the selection, where
+    its table is read."""
+    cfg = run.config.selection
+    budget = Budget.parse(cfg.budget)
+    if budget.kind == "latency":
+        return
+    sizes = {f.name: f.size for f in run.pruned}
+    block_carriers = carriers(run.structures, set(sizes)) if cfg.remove_blocks else {}
+    terms, constant = _count_problem(run, budget, block_carriers)
+    carried = set(block_carriers.values())
+    smallest = {n: candidate_widths(s, cfg.granularity, n in carried)[0]
+                for n, s in sizes.items()}
+    dense_cost = total(terms, sizes) + constant
+    limit, floor = budget.absolute(dense_cost), total(terms, sizes, smallest) + constant
+    if floor > limit * (1 + 1e-9):
+        raise _unreachable(budget, limit, floor, dense_cost)
+
+
 def select_to_budget(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """Masks and the selection record of a budgeted selection on ``run``
     (:class:`nn.methods.Run`) from ``method``'s ``scores`` (module docstring)."""
-    from nn.complexity import layer_macs
-
     cfg = run.config.selection
     budget = Budget.parse(cfg.budget)
     fams = list(run.pruned)
@@ -298,15 +337,13 @@ def select_to_budget(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict
     sizes = {f.name: f.size for f in fams}
     block_carriers = carriers(run.structures, names) if cfg.remove_blocks else {}
     inside = _inside(run.structures, names, block_carriers)
+    table_info = None
     if budget.kind == "latency":
         from nn.budget_latency import latency_terms
 
         terms, constant, table_info = latency_terms(run, sizes, block_carriers)
     else:
-        lm = layer_macs(run.model, run.input_size)
-        terms, constant, table_info = count_terms(
-            tensor_costs(run.model, run.structures, lm), budget.kind, sizes,
-            block_carriers), 0.0, None
+        terms, constant = _count_problem(run, budget, block_carriers)
     dense_cost = total(terms, sizes) + constant
     if table_info and table_info.get("dense_measured_ms"):  # latency: a share of the measured
         dense_cost = table_info["dense_measured_ms"]
@@ -328,10 +365,7 @@ def select_to_budget(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict
         res = solve_selection(sp)
     if res.status == "infeasible" or res.widths is None:
         smallest = {f["name"]: min(f["widths"]) for f in problem["families"]}
-        floor = total(terms, sizes, smallest) + constant
-        raise ConfigError(f"budget {budget} ({limit:.6g}) cannot be met: the smallest network "
-                         f"the selection allows costs {floor:.6g} ({floor / dense_cost:.3f} of "
-                         f"dense); allow more (--granularity, --remove-blocks) or raise it")
+        raise _unreachable(budget, limit, total(terms, sizes, smallest) + constant, dense_cost)
     heuristic = greedy(sp)  # against the exact optimum of the same (unrestricted) problem
     optimum = search["candidates"][-1]["value"] if search else res.value
     masks = widths_to_masks(fams, scores, res.widths, block_carriers)

@@ -293,6 +293,10 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device,
               [f for f in structures if f.kind in cfg.method.structures],
               {"macs": count_macs(model, input_size), "params": count_params(model)},
               bundle, rank, world, device, len(train_loader))
+    if cfg.selection.budget and not done["select"]:  # a budget no network meets: say it now
+        from nn.budget import check_reachable
+
+        check_reachable(run)
     try:  # settings that only the model can judge (a group size that must divide its widths)
         training = method.training(run)
     except ValueError as e:

@@ -539,6 +539,7 @@ def test_a_budget_that_cannot_be_met_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert "cannot be met" in err and "smallest network" in err
+    assert not (tmp_path / "run" / "train").exists()  # said before any training
 
 
 @pytest.mark.parametrize("method", ["spr", "variational"])
