@@ -1,5 +1,8 @@
 """The ``mipprune`` command line: penalty, solve, validate, generate, select.
 
+One concept: the command-line contract (parsing, one-line errors, Ctrl-C, strict JSON output)
+in one place; each command body is a few lines calling the library.
+
 The contract: every bad input a user can give -- arguments, an unreadable, malformed or
 invalid input file, a size that cannot fit in memory -- is one line on stderr and exit status 2;
 ``validate`` exits 1 only when a check is violated; Ctrl-C stops any command within a fraction

@@ -1,5 +1,8 @@
 """A structured-pruning instance: the data of the MIP (P), validated and immutable.
 
+One concept: the instance and everything that checks or derives from its data (validation,
+objective, the Lipschitz constant, the seeded generators); the solvers live elsewhere.
+
     (P)  min  1/2 w^T Q w + c^T w + const + sum_j ( a_j ||w_j||^2 + b_j z_j )
          s.t. |w_i| <= M_j z_j   for i in group j,     z in {0,1}^G
 

@@ -34,6 +34,9 @@ counts all-reduced, so all ranks take the same decisions, and rank 0's masks are
 anyway -- then every rank compresses the same masks and fine-tunes.  Rank 0 alone writes files,
 evaluates the saved model and measures latency; the other ranks return None after fine-tuning.
 Resuming under torchrun needs ``out`` on a file system every rank sees.
+
+One concept: the stage machine of a run (claiming the folder, running and resuming stages,
+reading their checked files back); methods, surgery and the report live elsewhere.
 """
 
 from __future__ import annotations

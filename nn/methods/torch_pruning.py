@@ -34,6 +34,9 @@ full ratio would start there).  Where the scan sees the count rise, it looks at 
 since its last step.  The final masks go through our :func:`nn.models.compress`; the
 model Torch-Pruning pruned and ours must give the same logits on a batch (max abs difference
 at most :data:`LOGITS_TOL`, recorded), else the run stops.
+
+One concept: the adapter between Torch-Pruning and the pipeline (its pruners, the search of
+its pruning ratio, the mapping of its channels onto our families and the logits check).
 """
 
 from __future__ import annotations

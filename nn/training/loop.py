@@ -21,6 +21,9 @@ number of training batches (checked once, else DDP would hang).  Test loaders ma
 The rest of the contract lives with the code it describes: the learning-rate formula in
 :mod:`nn.training.schedule`, the checkpoint's contents, the metrics and the resume rule in
 :mod:`nn.training.checkpoint`, the distributed behaviour in :mod:`nn.training.runtime`.
+
+One concept: one training loop; its pieces (schedule, checkpoints, runtime) are modules of
+:mod:`nn.training`, and what stays here is the per-step and per-epoch control flow they share.
 """
 
 from __future__ import annotations
