@@ -36,7 +36,7 @@ __all__ = ["VARIANTS", "interleaved_rounds", "interleaved_ms", "clean_rounds", "
            "summarize", "paired_ratio", "train_step", "regularizer_step",
            "fraction_masks", "round_masks", "block_masks", "merge_masks",
            "fold_bn", "inference_variant", "max_logit_diff",
-           "op_profile", "conv_shapes", "conv_timings", "padded_macs"]
+           "op_profile", "launch_count", "conv_shapes", "conv_timings", "padded_macs"]
 
 VARIANTS = ("eager", "fold_bn", "fold_bn+channels_last", "jit", "compile")
 
@@ -151,17 +151,22 @@ def paired_ratio(base: list[float], other: list[float], n_boot: int = 2000,
 
 def train_step(model: tnn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor, regularizer=None) -> Callable[[], torch.Tensor]:
-    """One training step as a closure: zero grads, forward, cross-entropy (+ ``regularizer()``
-    when given), backward, ``optimizer.step()`` (+ ``regularizer.project_()``); returns the
-    loss (detached).  The model is put in ``train()`` mode."""
+    """One training step as a closure: zero grads, forward, cross-entropy, backward,
+    ``optimizer.step()``; returns the loss (detached).  A ``regularizer`` with ``add_grad_``
+    (:class:`nn.SPRRegularizer`) adds its gradient after the backward pass, as the training
+    loop does; any other callable is added to the loss (autograd).  ``project_()`` runs after
+    the step when the regularizer has it.  The model is put in ``train()`` mode."""
     model.train()
+    fused = hasattr(regularizer, "add_grad_")
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
-        if regularizer is not None:
+        if regularizer is not None and not fused:
             loss = loss + regularizer()
         loss.backward()
+        if fused:
+            loss = loss.detach() + regularizer.add_grad_()
         optimizer.step()
         if regularizer is not None and hasattr(regularizer, "project_"):
             regularizer.project_()
@@ -350,6 +355,50 @@ _NOT_KERNELS = frozenset(
         "scalar_tensor __and__ __or__ __invert__ lift_fresh resolve_conj resolve_neg").split())
 
 
+def _is_kernel(name: str) -> bool:
+    return name.startswith("aten::") and name not in _NOT_KERNELS
+
+
+def launch_count(fn: Callable[[], object], calls: int = 3) -> dict:
+    """Kernel launches of one ``fn()`` call, counted by ``torch.profiler`` over ``calls`` calls
+    after one untimed call.
+
+    ``cpu_ops``: ``aten`` operators that compute (not views, allocations or thin wrappers) and
+    are not called from inside another such operator -- on CPU, the launches the same code
+    makes on a GPU (a ``_foreach_*`` op counts once: on CUDA it is one multi-tensor kernel per
+    few dozen tensors).  ``cuda_kernels``: the CUDA kernels themselves, when ``fn`` runs on a
+    GPU (None otherwise).  ``by_op``: the counted operators, per call."""
+    fn()  # warm: caches and lazy state are not the steady step
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    by_op: dict[str, float] = {}
+    kernels = 0
+    for e in prof.events():
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            kernels += 1
+            continue
+        if not _is_kernel(e.name):
+            continue
+        parent, nested = e.cpu_parent, False
+        while parent is not None:
+            if _is_kernel(parent.name):
+                nested = True
+                break
+            parent = parent.cpu_parent
+        if not nested:
+            by_op[e.name] = by_op.get(e.name, 0) + 1 / calls
+    return {"cpu_ops": sum(by_op.values()),
+            "cuda_kernels": kernels / calls if torch.cuda.is_available() else None,
+            "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
+
+
 def op_profile(fn: Callable[[], object], calls: int = 5, top: int = 12) -> dict:
     """``torch.profiler`` over ``calls`` calls of ``fn``: all operator calls per ``fn`` call,
     ``kernel_ops_per_call`` (``aten`` operators other than views, allocations and thin
@@ -362,8 +411,7 @@ def op_profile(fn: Callable[[], object], calls: int = 5, top: int = 12) -> dict:
     total = sum(e.self_cpu_time_total for e in ev) / 1e3 / calls
     rows = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     return {"ops_per_call": sum(e.count for e in ev) / calls,
-            "kernel_ops_per_call": sum(e.count for e in ev if e.key.startswith("aten::")
-                                       and e.key not in _NOT_KERNELS) / calls,
+            "kernel_ops_per_call": sum(e.count for e in ev if _is_kernel(e.key)) / calls,
             "self_cpu_ms_per_call": total,
             "top": [{"op": e.key, "calls": e.count / calls,
                      "self_cpu_ms": e.self_cpu_time_total / 1e3 / calls} for e in rows]}

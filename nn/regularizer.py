@@ -8,8 +8,13 @@ Per group ``j`` (the writer slices of one prunable structure, see :mod:`nn.model
     C2  m/M <= c t < 1     :  2 sqrt(a b) t
     C3  c t < m/M < 1      :  a M t^2 / m + b m / M
 
-The value *is* ``mipprune.penalty.spr_value`` called on torch tensors (array-API code, one copy);
-gradients are finite at ``w = 0`` and on every case boundary (double-``where`` there).
+On a GPU a training step evaluates it flat (:mod:`nn.flat_penalty`): every group at once, in
+29 tensor operations for any model, the formula in its clip form ``a t^2 / z* + b z*`` with
+``z* = min(1, max(m/M, c t))`` and the gradient in closed form, added to ``.grad`` with one fused
+addition (:meth:`SPRRegularizer.add_grad_`).  On the CPU, and in
+:meth:`SPRRegularizer.group_penalties` and :meth:`~SPRRegularizer.case_stats`, the penalty *is*
+``mipprune.penalty.spr`` called on torch tensors (array-API code, one copy, autograd through
+double ``where``s); the tests hold the two paths equal in value and gradient.
 
 Coefficients: ``a_j = lam alpha cost_j``, ``b_j = lam (1 - alpha) cost_j`` with ``cost_j`` the
 run's price of structure ``j`` (:func:`nn.cost.structure_costs`: a weighted sum of its
@@ -38,6 +43,7 @@ from mipprune.penalty import C1, C2, C3, bigm_value, spr, spr_value
 from nn.checks import FLOAT32_MAX, choice, integer, number
 from nn.complexity import count_params, layer_macs
 from nn.cost import CostConfig, structure_costs
+from nn.flat_penalty import FlatPenalty, accumulate_grads_
 from nn.models import KINDS, Family, build_families, group_weights
 from nn.weights import check_shapes, read_state_dict
 
@@ -134,10 +140,18 @@ class SPRRegularizer:
 
     ``reg = SPRRegularizer(model, SPRConfig(lam=...), input_size=(3, 32, 32), reference=None)``
     (``latency``: the marginal latencies a ``latency`` cost weight reads,
-    :func:`nn.budget_latency.latency_cost`);
-    ``loss = ce + reg()`` in the training loop, then ``reg.project_()`` after the step.  Groups
-    of equal width are concatenated across families and evaluated in one call each.  ``reg()``
-    reads the model's current parameters by name (the model may move between devices).
+    :func:`nn.budget_latency.latency_cost`); in a training step either ``loss = ce + reg()``
+    (autograd) or, faster, ``reg.add_grad_(scale)`` after ``loss.backward()`` (the gradient
+    added into ``.grad`` directly; ``train(extra_grad=...)``), then ``reg.project_()`` after
+    the optimizer step.  Both read the model's current parameters by name (the model may move
+    between devices or memory formats).
+
+    ``path`` (attribute): how the penalty is evaluated.  ``"flat"``: every group at once
+    (:mod:`nn.flat_penalty`, 29 kernel launches a step whatever the model: what a GPU needs);
+    ``"per-family"``: the formula of :mod:`mipprune.penalty` on each bucket of equal-width
+    groups, gradient by autograd (a few hundred small operations but fewer passes over the
+    weights: 2-3x faster on a CPU, where a launch costs nothing); ``"auto"`` (default): flat
+    on a GPU, per-family on the CPU.  Same values and gradients to float32 rounding.
     """
 
     def __init__(self, model: tnn.Module, config: SPRConfig, input_size=(3, 32, 32),
@@ -183,6 +197,9 @@ class SPRRegularizer:
                                                 dtype=torch.float64) for f in fams})))
                          for fams in widths.values()]
         self._cache: dict = {}
+        self.flat = FlatPenalty(model, self.families, g, self.a, self.b, self.M,
+                                config.penalty)
+        self.path = "auto"
 
     def _coeffs(self, i: int, like: torch.Tensor):
         key = (i, like.dtype, like.device)
@@ -211,10 +228,33 @@ class SPRRegularizer:
                 out[f.name] = v
         return out
 
-    def __call__(self) -> torch.Tensor:
-        """Total penalty: a scalar loss term (nothing written into ``.grad``)."""
+    def _flat_here(self) -> bool:
+        if self.path != "auto":
+            return self.path == "flat"
+        return next(iter(self.model.parameters())).device.type != "cpu"
+
+    def _per_family(self) -> torch.Tensor:
         fn = _PENALTIES[self.config.penalty]
         return sum(fn(w, a, b, M).sum() for _, w, (a, b, M) in self._groups())
+
+    def __call__(self) -> torch.Tensor:
+        """Total penalty: a 0-d differentiable loss term (nothing written into ``.grad``)."""
+        return self.flat.value() if self._flat_here() else self._per_family()
+
+    def add_grad_(self, scale: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Add the total penalty's gradient (times ``scale``, e.g. the AMP loss scale) into
+        every regularized parameter's ``.grad`` in one fused addition; return the penalty
+        (0-d, detached).  Call it after the backward pass of the rest of the loss."""
+        if self._flat_here():
+            return self.flat.add_grad_(scale)
+        tensors = self.flat._tensors()
+        with torch.enable_grad():
+            value = self._per_family()
+        grads = list(torch.autograd.grad(value, tensors))
+        if scale is not None:
+            torch._foreach_mul_(grads, scale)
+        accumulate_grads_(tensors, grads)
+        return value.detach()
 
     @torch.no_grad()
     def case_stats(self) -> dict[str, dict[str, float]]:

@@ -82,7 +82,7 @@ class SPR(Method):
                 return {"spr_C1": s["C1"], "spr_C2": s["C2"], "spr_C3": s["C3"],
                         "penalty": float(reg())}
 
-        return Training(run.model, dict(extra_loss=lambda m: reg(),
+        return Training(run.model, dict(extra_grad=lambda m, scale: reg.add_grad_(scale),
                                         after_step=lambda m: reg.project_(),
                                         epoch_metrics=cases), reg)
 

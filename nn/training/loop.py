@@ -4,7 +4,7 @@ mixed precision on GPU, and data parallelism over GPUs and nodes through ``torch
 
     reg = SPRRegularizer(model, SPRConfig(lam=1.0), input_size=(3, 32, 32))
     result = train(model, train_loader, test_loader, TrainConfig(epochs=300, lr=0.1,
-                   out_dir="runs/spr"), extra_loss=lambda m: reg(),
+                   out_dir="runs/spr"), extra_grad=lambda m, scale: reg.add_grad_(scale),
                    after_step=lambda m: reg.project_(),
                    epoch_metrics=lambda m, epoch: {"spr": reg.case_stats()["all"]})
 
@@ -106,6 +106,7 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
           extra_loss: Callable[[tnn.Module], torch.Tensor] | None = None,
           after_step: Callable[[tnn.Module], None] | None = None,
           after_backward: Callable[..., None] | None = None,
+          extra_grad: Callable[[tnn.Module, torch.Tensor | None], torch.Tensor] | None = None,
           epoch_metrics: Callable[[tnn.Module, int], dict] | None = None,
           resume: bool = False, name: str = "train") -> TrainResult:
     """Train ``model`` (in place) with SGD for ``config.epochs`` epochs; see the module docstring.
@@ -115,6 +116,12 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
     pass, before the optimizer step, with the step's cross-entropy (detached) and batch: e.g.
     gradient estimates for parameters outside the optimizer (:mod:`nn.methods.variational`);
     ``after_step(module)`` runs after every optimizer step;
+    ``extra_grad(module, scale)`` is an extra loss term that adds its own gradient into the
+    parameters' ``.grad`` after the backward pass (times ``scale``, the AMP loss scale as a
+    tensor, or None without one) and returns its value (0-d, detached): one fused addition
+    instead of autograd's one per parameter (:meth:`nn.regularizer.SPRRegularizer.add_grad_`);
+    under DDP it runs on the averaged gradients, which is right for a term every rank computes
+    alike from the same weights;
     ``epoch_metrics(module, epoch)`` (1-based ``epoch``) is merged into the epoch's metrics (it
     runs on every rank; rank 0's values are logged).  ``resume=True`` continues from
     ``out_dir/checkpoint.pt`` when it exists (else starts afresh): weights, optimizer, schedule,
@@ -122,7 +129,7 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
     ``test_loader`` may be None (no evaluation).
 
     A step whose loss (cross-entropy or extra term) is not finite stops training with a
-    :class:`NonFiniteError` saying where -- before its backward pass on the CPU (checked every
+    :class:`NonFiniteError` saying where -- before its optimizer step on the CPU (checked every
     step), within ``log_every`` steps on CUDA (a check reads the device), at the epoch's end
     under DDP (all ranks stop together) -- and so do weights, buffers, the test loss or
     ``epoch_metrics`` values that are not finite after an epoch: the history never holds a NaN.
@@ -255,11 +262,13 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
             at = int(first) + 1
             bad = _kind(ce_sum) if not math.isfinite(ce_sum) else _kind(extra_sum)
             terms = f"cross-entropy {_kind(ce_sum)}" + (
-                f", extra loss {_kind(extra_sum)}" if extra_loss is not None else "")
+                f", extra loss {_kind(extra_sum)}" if has_extra else "")
             raise NonFiniteError(
                 f"{name}: the loss is {bad} at epoch {epoch + 1}/{config.epochs}, step "
                 f"{at}/{steps_per_epoch} (step {epoch * steps_per_epoch + at} overall; {terms}); "
                 + _hint(amp_dtype, not math.isfinite(extra_sum)))
+
+        has_extra = extra_loss is not None or extra_grad is not None
 
         for epoch in range(start_epoch, config.epochs):
             # ---- 5. train one epoch ---------------------------------------------------------
@@ -285,6 +294,11 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
                     if extra_loss is not None:
                         extra = extra_loss(module)
                         loss = loss + extra
+                    scaler.scale(loss).backward()
+                    if extra_grad is not None:  # its gradient, added after the backward pass
+                        e = extra_grad(module, scaler._scale if scaler.is_enabled() else None)
+                        extra = e if extra is None else extra.detach() + e
+                        loss = loss.detach() + e
                     with torch.no_grad():
                         sums[0] += ce.detach() * y.shape[0]
                         sums[1] += (logits.argmax(1) == y).sum()
@@ -295,7 +309,6 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
                         sums[5] += torch.isfinite(sums[0] + sums[3])  # NaN and inf stay
                     if world == 1 and ((i + 1) % check_every == 0 or i + 1 == steps_per_epoch):
                         stop_if_nonfinite(sums, epoch)
-                    scaler.scale(loss).backward()
                     if after_backward is not None:
                         after_backward(module, ce.detach(), x, y)
                     scaler.step(opt)
@@ -322,7 +335,7 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
             record = {"epoch": epoch + 1, "step": step,
                       "lr": lr_at(config, step - 1, steps_per_epoch),
                       "train_loss": ce_sum / train_seen, "train_acc": train_correct / train_seen}
-            if extra_loss is not None:
+            if has_extra:
                 record["train_extra"] = extra_sum / steps_done
 
             # ---- 6. evaluate (rank 0's buffers everywhere first) ----------------------------
@@ -333,7 +346,7 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
             if broken is not None:
                 raise NonFiniteError(f"{name}: {broken} is not finite after epoch {epoch + 1}/"
                                      f"{config.epochs} (the losses were); "
-                                     + _hint(amp_dtype, extra_loss is not None))
+                                     + _hint(amp_dtype, has_extra))
             t1 = time.perf_counter()
             if test_loader is not None:
                 eval_net.eval()
@@ -353,7 +366,7 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
                     raise NonFiniteError(f"{name}: the test loss is {_kind(loss_sum)} after epoch "
                                          f"{epoch + 1}/{config.epochs} (the training losses and "
                                          f"weights were finite); "
-                                         + _hint(amp_dtype, extra_loss is not None))
+                                         + _hint(amp_dtype, has_extra))
                 record["test_loss"], record["test_acc"] = loss_sum / seen, correct / seen
                 if best_acc is None or record["test_acc"] > best_acc:
                     best_acc, best_epoch = record["test_acc"], epoch + 1
@@ -372,7 +385,7 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
                 if broken is not None:
                     raise NonFiniteError(f"{name}: the epoch metric {broken} is not finite after "
                                          f"epoch {epoch + 1}/{config.epochs}; "
-                                         + _hint(amp_dtype, extra_loss is not None))
+                                         + _hint(amp_dtype, has_extra))
                 record.update(more)
             record.update(time=train_time + eval_time, train_time=train_time,
                           eval_time=eval_time, images_per_s=train_seen / train_time
