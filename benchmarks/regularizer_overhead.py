@@ -5,10 +5,16 @@ One training step = forward + cross-entropy (+ SPR) + backward + SGD step, on a 
 round by round after a warm-up (order rotating every round), all on the same model and
 optimizer, so drift of the machine affects them alike:
 
-    none          plain step
-    spr           loss + SPRRegularizer(model, SPRConfig(...))()   (the library as it is)
-    spr_compiled  the same penalty through ``torch.compile`` (prototype of a faster path;
-                  ``--no-compiled`` skips it)
+    none            plain step
+    spr             SPRRegularizer.add_grad_() after the backward pass, as the training loop
+                    does, on the device's default path (``path="auto"``: per-family on the
+                    CPU, flat on a GPU)
+    spr_flat        the same with ``path="flat"`` (nn.flat_penalty: every group at once)
+    spr_per_family  the same with ``path="per-family"`` (mipprune.penalty.spr on each bucket of
+                    equal-width groups, gradient by autograd)
+    spr_autograd    loss + reg(): the default path as an autograd term (how training ran before
+                    add_grad_: one gradient addition per parameter)
+    spr_compiled    loss + torch.compile(reg.__call__) (``--no-compiled`` skips it)
 
 Reported: median step times, the ratio to ``none`` (ratio of medians, median of per-round
 ratios, bootstrap 95% interval), overhead % (target: < 3% CPU, < 1% GPU), and the penalty's own
@@ -29,8 +35,8 @@ import warnings
 import torch
 
 from benchmarks import _common
-from benchmarks.measure import interleaved_ms, kept_rounds, interleaved_rounds, op_profile, \
-    paired_ratio, regularizer_step, summarize, train_step
+from benchmarks.measure import interleaved_ms, kept_rounds, interleaved_rounds, launch_count, \
+    op_profile, paired_ratio, regularizer_step, summarize, train_step
 from nn import CostConfig, SPRConfig, SPRRegularizer, build_model, count_params
 
 TARGET = {"cpu": 3.0, "cuda": 1.0}
@@ -90,7 +96,21 @@ def main(argv=None):
         pen0 = float(reg())
     cases = reg.case_stats()["all"]
 
-    penalties = {"spr": reg}
+    class OnPath:
+        """``reg`` evaluated on one path (a regularizer with add_grad_ for train_step)."""
+
+        def __init__(self, path):
+            self.path = path
+
+        def add_grad_(self, scale=None):
+            before, reg.path = reg.path, self.path
+            try:
+                return reg.add_grad_(scale)
+            finally:
+                reg.path = before
+
+    penalties = {"spr": reg, "spr_flat": OnPath("flat"), "spr_per_family": OnPath("per-family"),
+                 "spr_autograd": reg.__call__}
     check = {}
     compile_s = None
     if not args.no_compiled:
@@ -123,10 +143,13 @@ def main(argv=None):
     foreign = rounds["foreign_cpu"]
     keep, clean, step_ms = kept_rounds(rounds, args.clean_threshold)
 
-    iso = {name: regularizer_step(pen) for name, pen in penalties.items()}
+    iso = {name: (pen.add_grad_ if hasattr(pen, "add_grad_") else regularizer_step(pen))
+           for name, pen in penalties.items()}
     iso["spr_forward_only"] = lambda: reg().detach()
     iso_ms = interleaved_ms(iso, args.iso_repeats, 5, device)
-    prof = op_profile(regularizer_step(reg)) if device.type == "cpu" else None
+    prof = op_profile(reg.add_grad_) if device.type == "cpu" else None
+    launches = {name: launch_count(iso[name])
+                for name in ("spr_flat", "spr_per_family", "spr_autograd")}
     model.zero_grad(set_to_none=True)
 
     base = step_ms["none"]
@@ -169,6 +192,8 @@ def main(argv=None):
         "rows": rows,
         "isolated_penalty_ms": {k: summarize(v) for k, v in iso_ms.items()},
         "penalty_op_profile": prof,
+        "launches_per_step": {k: {"cpu_ops": v["cpu_ops"], "cuda_kernels": v["cuda_kernels"]}
+                              for k, v in launches.items()},
         "rounds": {"timed": len(foreign), "used": len(keep),
                    "used_only_clean": clean,
                    "foreign_cpu_share_per_round": foreign},
@@ -212,6 +237,8 @@ def main(argv=None):
         print(f"penalty fwd+bwd profile: {prof['kernel_ops_per_call']:.0f} kernel-like aten "
               f"ops ({prof['ops_per_call']:.0f} profiler events) per call; top "
               + ", ".join(f"{t['op']} {t['self_cpu_ms']:.2f} ms" for t in prof["top"][:6]))
+    print("kernel launches per penalty step (torch.profiler; CPU ops, CUDA kernels): " + ", ".join(
+        f"{k} {v['cpu_ops']:.0f}, {v['cuda_kernels']}" for k, v in launches.items()))
     print(f"load average now {_common.load_average()} (before: {load_before})")
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.csv')}")
 
