@@ -1,11 +1,12 @@
 """The SPR (and big-M) penalty of every group at once, in a number of operations that does not
 grow with the number of groups: the fast path of :class:`nn.regularizer.SPRRegularizer`.
 
-Every writer tensor of the regularized families is read as one flat vector (one ``cat``, in
-float64, each tensor in its own memory order so that channels-last weights are views too);
-each element carries the index of its group.  Two scatters give every group's
-``s = ||w||_2^2`` and ``m = ||w||_inf``; the penalty and its gradient then follow from the clip
-form of the closed formula (:mod:`mipprune.penalty`, whose three cases it reproduces):
+Every writer tensor of the regularized families is read as one flat vector (one ``cat`` of
+views, each tensor in its own memory order so that channels-last weights are views too); each
+element carries the index of its group.  A scatter gives every group's ``m = ||w||_inf`` and
+one ``index_add`` its ``s = ||w||_2^2`` (in float64) with the number of elements tied at the
+maximum; the penalty and its gradient then follow from the clip form of the closed formula
+(:mod:`mipprune.penalty`, whose three cases it reproduces):
 
     z* = min(1, max(u, c t)),  u = m / M,  c = sqrt(a / b),  t = sqrt(s)
     SPR = a s / z* + b z*                                   (C1 z* = 1, C2 z* = c t, C3 z* = u)
@@ -16,8 +17,8 @@ the maxima of ``|w|``, shared evenly among ties as ``amax``'s autograd does).  B
 (``u >= 1``) the C1 extension ``a s + b`` holds, as in :mod:`mipprune.penalty`.  The big-M
 relaxation is ``a s + b min(u, 1)`` with gradient ``2 a w + [u < 1] b / M e_k sign(w_k)``.
 
-Float64 throughout the group algebra: float32 weights square without underflow there, so no
-rescaling is needed for tiny weights.  A training step uses :meth:`FlatPenalty.add_grad_`: the
+Float64 for the squares and the group algebra: float32 weights square without underflow there,
+so no rescaling is needed for tiny weights.  A training step uses :meth:`FlatPenalty.add_grad_`: the
 value, and the gradient added straight into every ``.grad`` with one ``_foreach_add_`` after the
 backward pass (an autograd term would add it to each parameter's gradient one kernel at a time).
 :meth:`FlatPenalty.value` is the same value as a differentiable loss term.
