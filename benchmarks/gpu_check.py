@@ -41,7 +41,6 @@ array-api-compat is missing): once, here, ``python3 -m pip download --no-deps
 from __future__ import annotations
 
 import argparse
-import importlib
 import copy
 import os
 import re
@@ -130,13 +129,21 @@ class Sizes:
 # ---- sections --------------------------------------------------------------------------------
 
 def environment(args, sz, device):
-    importlib.import_module("nn")  # the import itself is checked
+    import subprocess
 
-    heavy = sorted(m for m in ("pyomo", "highspy", "numba") if m in sys.modules)
+    # a fresh interpreter: what importing nn alone loads (this process may hold more)
+    probe = ("import sys, nn, nn.training, nn.methods; print(','.join(m for m in "
+             "('pyomo', 'highspy', 'numba') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    if done.returncode != 0:
+        raise AssertionError(f"importing nn failed: {done.stderr.strip()[-2000:]}")
+    heavy = [m for m in done.stdout.strip().split(",") if m]
     out = {"torch": torch.__version__, "cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-           "nn_imported_without": heavy == [], "modules_loaded_by_nn": heavy}
+           "nn_imported_without": ["pyomo", "highspy", "numba"] if not heavy else [],
+           "modules_loaded_by_nn": heavy}
     if heavy:
         raise AssertionError(f"importing nn loaded {heavy}: the GPU image lacks them")
     return out
