@@ -53,11 +53,10 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks import _common
 from benchmarks.measure import fold_bn, fraction_masks, interleaved_rounds, kept_rounds, \
-    launch_count, paired_ratio, round_masks, summarize
+    launch_count, paired_ratio, round_masks, summarize, train_step
 
 SECTIONS = ("environment", "spr_launches", "training", "spr_overhead", "gate_overhead",
             "latency", "ddp")
@@ -274,20 +273,10 @@ def _finite(x) -> bool:
     return x is not None and x == x and abs(x) != float("inf")
 
 
-def _step(model, opt, x, y, reg=None, mode="none", dtype=None):
-    """One training step; ``mode``: ``none``, ``fused`` (add_grad_ after backward, the
-    training loop's) or ``autograd`` (the penalty in the loss)."""
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            ce = F.cross_entropy(model(x).float(), y)
-        loss = ce + reg() if mode == "autograd" else ce
-        loss.backward()
-        if mode == "fused":
-            reg.add_grad_()
-        opt.step()
-        return ce.detach()
-    return step
+def _penalty(reg, mode):
+    """What :func:`benchmarks.measure.train_step` takes for ``mode``: ``none``, ``fused``
+    (``add_grad_`` after backward, the training loop's) or ``autograd`` (the term in the loss)."""
+    return {"none": None, "fused": reg, "autograd": reg.__call__}[mode]
 
 
 def _overhead_rows(rounds_ms, base, seed=0):
@@ -309,7 +298,8 @@ def spr_overhead(args, sz, device):
     x, y = sz.batch_xy(device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    steps = {m: _step(model, opt, x, y, reg, m, dtype) for m in ("none", "fused", "autograd")}
+    steps = {m: train_step(model, opt, x, y, _penalty(reg, m), dtype)
+             for m in ("none", "fused", "autograd")}
     compile_s = None
     if device.type == "cuda":
         with warnings.catch_warnings():
@@ -317,7 +307,7 @@ def spr_overhead(args, sz, device):
             net = torch.compile(model)
             t0 = time.perf_counter()
             for m in ("none", "fused"):
-                steps["compiled_" + m] = _step(net, opt, x, y, reg, m, dtype)
+                steps["compiled_" + m] = train_step(net, opt, x, y, _penalty(reg, m), dtype)
                 steps["compiled_" + m]()
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0
@@ -341,7 +331,7 @@ def gate_overhead(args, sz, device):
 
     x, y = sz.batch_xy(device)
     base = sz.build(device)
-    steps = {"plain": _step(base, torch.optim.SGD(base.parameters(), lr=1e-4), x, y)}
+    steps = {"plain": train_step(base, torch.optim.SGD(base.parameters(), lr=1e-4), x, y)}
     for est in ESTIMATORS:
         net = sz.build("cpu")
         net.load_state_dict(base.state_dict())

@@ -150,18 +150,22 @@ def paired_ratio(base: list[float], other: list[float], n_boot: int = 2000,
 
 
 def train_step(model: tnn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor, regularizer=None) -> Callable[[], torch.Tensor]:
+               y: torch.Tensor, regularizer=None, autocast: torch.dtype | None = None
+               ) -> Callable[[], torch.Tensor]:
     """One training step as a closure: zero grads, forward, cross-entropy, backward,
     ``optimizer.step()``; returns the loss (detached).  A ``regularizer`` with ``add_grad_``
     (:class:`nn.SPRRegularizer`) adds its gradient after the backward pass, as the training
     loop does; any other callable is added to the loss (autograd).  ``project_()`` runs after
-    the step when the regularizer has it.  The model is put in ``train()`` mode."""
+    the step when the regularizer has it.  ``autocast``: the forward pass and cross-entropy
+    under ``torch.autocast`` in that dtype (None: full precision).  The model is put in
+    ``train()`` mode."""
     model.train()
     fused = hasattr(regularizer, "add_grad_")
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            loss = F.cross_entropy(model(x).float(), y)
         if regularizer is not None and not fused:
             loss = loss + regularizer()
         loss.backward()

@@ -131,9 +131,9 @@ class FlatPenalty:
 
     # ---- the penalty ---------------------------------------------------------------------------
 
-    def _evaluate(self, grad: bool, scale=None):
-        """``(value, g, tensors, plan)``: the summed penalty (0-d float64) and, with ``grad``, the
-        gradient of every flat element (the tensors' dtype; times ``scale`` if given), or None.
+    def _evaluate(self, scale=None):
+        """``(value, g, tensors, plan)``: the summed penalty (0-d float64) and the gradient of
+        every flat element (the tensors' dtype; times ``scale`` if given).
         29 tensor operations whatever the number of groups (``tests/test_flat_penalty.py``)."""
         tensors = self._tensors()
         plan = self._plan(tensors)
@@ -155,15 +155,11 @@ class FlatPenalty:
             z = torch.clamp(k["c"] * s.sqrt(), min=u, max=k["one"])  # z*
             q = k["a"] * s / z  # a s / z*
             value = torch.addcmul(q, k["b"], z).sum()
-            if not grad:
-                return value, None, tensors, plan
             A = k["two_a"] / z
             # d/dm only where z* = u binds (C3): b - a s / z*^2, zero on the C2|C3 boundary
             B = torch.addcdiv(k["b"], q, z, value=-1).mul_(z == u)
         else:
             value = torch.addcmul(k["a"] * s, k["b"], u.clamp(max=1.0)).sum()
-            if not grad:
-                return value, None, tensors, plan
             A, B = k["two_a"], k["b"] * (u < 1)
         # (B / M) e_k sign(w_k) / ties = w B / (M m ties) on the maxima: one coefficient each
         C = (B * k["inv_M"]).div_(torch.addcmul(k["floor"], ties, m))
@@ -183,7 +179,7 @@ class FlatPenalty:
         """``(value, tensors, grads)``: the penalty (0-d float64) and its gradient with respect
         to each tensor (views of one buffer, each with its tensor's shape, strides and dtype;
         times ``scale`` if given)."""
-        value, g, tensors, plan = self._evaluate(grad=True, scale=scale)
+        value, g, tensors, plan = self._evaluate(scale)
         if plan["elem"] is not None:  # a tensor in several groups: sum its elements' terms
             g = torch.zeros(plan["n"], dtype=g.dtype, device=g.device).index_add_(
                 0, plan["elem"], g)
