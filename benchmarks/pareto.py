@@ -5,7 +5,9 @@ images, 5 epochs + 2 fine-tuning epochs, the same data, model, schedule and augm
 every method; ``dense`` trains 5 + 2 = 7 plain epochs, the same number of passes, unpruned).
 Every pruning method is taken to every stated budget of ``--macs`` (``--budget macs=F`` with
 ``--macs-flags``, default ``--granularity 1``) and of ``--latency`` (``--budget latency=F`` with
-``--latency-flags``, default ``--remove-blocks --granularity 8``) for every seed of ``--seeds``.
+``--latency-flags``, default ``--remove-blocks --granularity 8``; ``--remove-blocks`` dropped for
+methods that remove no blocks, the Torch-Pruning ones, whose ``round_to`` is the granularity) for
+every seed of ``--seeds``.
 
 **One training per method and seed.**  No method's training depends on the budget (with the
 default ``--cost``), so the first budget of a (method, seed) runs the whole pipeline and every
@@ -173,10 +175,20 @@ def _argv(p: Point, args, table: Path | None) -> list[str]:
         argv += ["--epochs", str(args.epochs + args.finetune_epochs), "--finetune-epochs", "0"]
     else:
         argv += ["--epochs", str(args.epochs), "--finetune-epochs", str(args.finetune_epochs),
-                 "--budget", p.budget, *shlex.split(getattr(args, f"{p.kind}_flags"))]
+                 "--budget", p.budget, *_flags(p.method, getattr(args, f"{p.kind}_flags"))]
     if table is not None:
         argv += ["--latency-table", str(table)]
     return argv + shlex.split(args.extra)
+
+
+def _flags(method: str, flags: str) -> list[str]:
+    """A budget kind's flags for ``method``: ``--remove-blocks`` dropped where the method
+    removes no blocks (the Torch-Pruning methods), so it meets the same budget by width."""
+    from nn.methods import get_method
+
+    out = shlex.split(flags)
+    return out if get_method(method).removes_blocks else [f for f in out
+                                                          if f != "--remove-blocks"]
 
 
 def _config(argv: list[str]):

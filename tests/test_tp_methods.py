@@ -4,6 +4,7 @@ target; the logits check recorded; the masks are exactly the channels Torch-Prun
 run by hand on the trained weights; the group regulariser changes training; the refusals and the
 missing-library error.  ResNet-20 at width 0.25 on 8x8 synthetic data, one thread."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,63 @@ def test_group_regulariser_changes_training(runs):
     assert rg["regularizer"]["reg"] == 0.05 and "regularize" in rg["regularizer"]["regularizer"]
 
 
+def test_latency_budget_costed_by_the_table(tmp_path):
+    """tp-magnitude to ``--budget latency=0.6 --granularity 2`` with a given table (one measured
+    here by ``python -m nn latency-table`` for its key and units, its entries then replaced by a
+    known cost, 1 us per channel pair, so the test does not depend on timing noise): round_to is
+    the granularity, the recorded cost is the table's prediction at the saved widths, within the
+    budget, and one channel less pruned goes over it."""
+    import dataclasses
+
+    from nn.latency import load_table, network_layers, save_table
+    from nn.latency.table import Entry
+
+    measured, table_path = tmp_path / "measured.json", tmp_path / "table.json"
+    common = ["--model", "resnet20", "--width", "0.25", "--shortcut", "B"]
+    done = subprocess.run(
+        [sys.executable, "-m", "nn", "latency-table", *common, "--input", "3,8,8",
+         "--num-classes", "4", "--batch", "4", "--threads", "1", "--granularity", "2",
+         "--repeats", "1", "--warmup", "0", "--fit-networks", "0", "--no-progress",
+         "--out", str(measured)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = load_table(measured)
+
+    def known(e):
+        if e.tied:
+            return Entry(e.in_widths, e.out_widths, tuple(1e-3 * w for w in e.in_widths), True)
+        return Entry(e.in_widths, e.out_widths,
+                     tuple(tuple(1e-3 * i * o for o in e.out_widths) for i in e.in_widths))
+
+    table = dataclasses.replace(table, entries={k: known(e) for k, e in table.entries.items()},
+                                constant_ms=0.05, scale=1.0, meta={})
+    save_table(table, table_path)
+    argv = [sys.executable, "-m", "nn", "train", "--method", "tp-magnitude", *common,
+            "--data", "synthetic", "--synthetic", "n_train=64,n_test=32,image_size=8,"
+            "num_classes=4", "--epochs", "1", "--finetune-epochs", "0", "--batch-size", "32",
+            "--budget", "latency=0.6", "--granularity", "2", "--latency-table",
+            str(table_path), "--latency-batches", "4", "--threads", "1", "--no-progress",
+            "--device", "cpu", "--out", str(tmp_path / "run")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    sel = json.loads((tmp_path / "run" / "report.json").read_text())["selection"]
+    assert sel["cost_kind"] == "latency" and sel["round_to"] == 2
+    assert sel["latency_table"]["key"]["batch"] == 4
+    masks = read_torch(tmp_path / "run" / "select" / "masks.pt")
+    widths = {n: int(m.sum()) for n, m in masks.items()}
+    assert all(w % 2 == 0 for w in widths.values())
+
+    def predicted(widths):
+        return table.constant_ms + sum(
+            table.lookup(ly, widths.get(ly.in_family, ly.in_channels),
+                         widths.get(ly.out_family, ly.out_channels))
+            for ly in network_layers(build_model("resnet20", 4, 3, 0.25, "B"), INPUT))
+
+    assert sel["dense_cost"] == pytest.approx(predicted({}), rel=1e-12)
+    assert sel["limit"] == pytest.approx(0.6 * sel["dense_cost"], rel=1e-12)
+    assert sel["value"] == pytest.approx(predicted(widths), rel=1e-12)
+    assert sel["value"] <= sel["limit"] < sel["value_previous"]
+
+
 def test_ratio_removes_exactly_k_channels():
     """Torch-Pruning removes ``total - int(total * (1 - ratio))`` ranked channels."""
     for total in range(1, 1500):
@@ -159,12 +217,19 @@ def test_unreachable_target_is_one_line(tmp_path):
 
 
 def test_refusals(tmp_path):
-    with pytest.raises(ConfigError, match="macs and params budgets only"):
-        config(tmp_path, "tp-magnitude", budget="latency=0.5")
+    with pytest.raises(ConfigError, match="removes no blocks .* drop --remove-blocks"):
+        config(tmp_path, "tp-magnitude", budget="latency=0.5", remove_blocks=True)
     with pytest.raises(ConfigError, match="not bisection"):
         config(tmp_path, "tp-groupnorm", rule="bisection")
-    with pytest.raises(ConfigError, match="round_to"):
-        config(tmp_path, "tp-magnitude", budget="macs=0.5", granularity=2)
+    with pytest.raises(ConfigError, match="--granularity 2 is Torch-Pruning's round_to, which "
+                                          "--round-to sets to 4"):
+        config(tmp_path, "tp-magnitude", options={"round_to": 4}, budget="macs=0.5",
+               granularity=2)
+    from nn.methods import get_method
+
+    assert config(tmp_path, "tp-magnitude", options={"round_to": 2}, budget="macs=0.5",
+                  granularity=2).selection.granularity == 2  # the same grid twice: accepted
+    assert not get_method("tp-groupnorm").removes_blocks and get_method("spr").removes_blocks
     with pytest.raises(ValueError, match="importance"):
         config(tmp_path, "tp-magnitude", options={"importance": "l3"})
     with pytest.raises(ValueError, match="round_to"):

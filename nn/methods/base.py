@@ -91,6 +91,7 @@ class Method:
     ``uses_cost`` whether ``--cost`` changes what it does
     ``score``     the name of its score (reported with the selection)
     ``per_layer`` whether its removal order is per layer (else global)
+    ``removes_blocks`` whether it can take ``--remove-blocks`` (remove whole residual blocks)
     """
 
     name: str = ""
@@ -102,6 +103,7 @@ class Method:
     uses_cost: bool = False
     score: str = ""
     per_layer: bool = False
+    removes_blocks: bool = True
 
     def make_options(self, given):
         """The method's options from a dict, an instance or None (defaults); ``ValueError``

@@ -22,16 +22,22 @@ option-B models the same filters are pruned, like the other methods' default ``-
 
 **Selection.**  Torch-Pruning's global pruning removes the ``k`` lowest-ranked channels of the
 allowed groups for ``pruning_ratio = (k - 1/2) / total`` (exactly ``k``: its count is ``total -
-int(total (1 - ratio))``), with ``round_to`` rounding each layer's kept width down to a multiple.
+int(total (1 - ratio))``), with ``round_to`` rounding each layer's kept width down to a multiple
+(the ``round_to`` option, else ``--granularity``: the grid our budgeted selection uses).
 Each trial prunes a deep copy with Torch-Pruning, reads the output channels its groups removed
 from every family's conv (``pruner.step(interactive=True)``, before ``group.prune()``) and
-counts our compressed model (:func:`nn.complexity.count_macs` / ``count_params``).  The smallest
-``k`` whose count is at most the target (``--mac-target``, or ``--budget macs=F``/``params=F``;
-latency budgets are refused) is found by a scan in ``total / 32`` steps, then bisection to one
-channel: the count is non-increasing in ``k`` until the library would empty a layer, which it
+costs the result: our compressed model counted (:func:`nn.complexity.count_macs` /
+``count_params``), or, for a latency budget, the latency the run's table predicts at the kept
+widths (:func:`nn.budget_latency.latency_terms`, the same table and dense reference as our own
+budgeted selection; Torch-Pruning removes no blocks, so ``--remove-blocks`` is refused).  The
+smallest ``k`` whose cost is at most the target (``--mac-target``, or ``--budget macs=F`` /
+``params=F`` / ``latency=F``) is found by a scan in ``total / 32`` steps, then bisection to one
+channel: the channels removed grow with ``k`` until the library would empty a layer, which it
 then leaves whole instead, so the count jumps back up near ``k = total`` (a bisection from the
-full ratio would start there).  Where the scan sees the count rise, it looks at every ``k``
-since its last step.  The final masks go through our :func:`nn.models.compress`; the
+full ratio would start there).  Where the scan sees fewer channels removed than at its last
+step, it looks at every ``k`` since then.  (A count falls as channels go; a latency from the
+table mostly does, but its measured entries may be a little out of order: the bisection then
+still ends on a ``k`` that meets the budget with ``k - 1`` over it.)  The final masks go through our :func:`nn.models.compress`; the
 model Torch-Pruning pruned and ours must give the same logits on a batch (max abs difference
 at most :data:`LOGITS_TOL`, recorded), else the run stops.
 
@@ -184,6 +190,7 @@ class _TorchPruning(Method):
     """What both methods share: the filters-only scope, the checks, the selection."""
 
     pruner_class = ""
+    removes_blocks = False
 
     def importance(self, tp, options):
         raise NotImplementedError
@@ -202,47 +209,77 @@ class _TorchPruning(Method):
         sel = config.selection
         if sel.rule == "bisection":
             raise ConfigError(f"method {self.name} selects by Torch-Pruning's pruning ratio to a "
-                              f"size: --select mac-target (the default) or --budget macs=F / "
-                              f"params=F, not bisection")
-        if sel.budget:
-            from nn.budget import Budget
+                              f"cost: --select mac-target (the default) or --budget macs=F / "
+                              f"params=F / latency=F, not bisection")
+        if sel.remove_blocks:
+            raise ConfigError(f"method {self.name} removes no blocks (Torch-Pruning prunes "
+                              f"channels): drop --remove-blocks")
+        rt = config.method.options.round_to
+        if sel.granularity != 1 and rt is not None and rt != sel.granularity:
+            raise ConfigError(f"method {self.name}: --granularity {sel.granularity} is "
+                              f"Torch-Pruning's round_to, which --round-to sets to {rt}: give "
+                              f"one of them")
 
-            if Budget.parse(sel.budget).kind == "latency":
-                raise ConfigError(f"method {self.name} supports macs and params budgets only, "
-                                  f"got --budget {sel.budget}")
-            if sel.granularity != 1 or sel.remove_blocks:
-                raise ConfigError(f"method {self.name} does not take --granularity or "
-                                  f"--remove-blocks: Torch-Pruning's round_to rounds widths, "
-                                  f"and it removes no blocks")
+    @staticmethod
+    def round_to(config) -> int | None:
+        """Torch-Pruning's ``round_to``: the option, else ``--granularity`` when above 1 (each
+        pruned layer keeps a multiple of it, the grid of our budgeted selection)."""
+        rt = config.method.options.round_to
+        g = config.selection.granularity
+        return rt if rt is not None else (g if g > 1 else None)
+
+    def _cost(self, run, kind):
+        """``(counter(model, masks) -> cost, dense cost, latency table info or None)`` of
+        ``kind``: our MAC or parameter count of the compressed model, or the latency the run's
+        table predicts at the kept widths (Torch-Pruning removes no blocks), its dense cost the
+        table's measured dense network."""
+        from nn.complexity import count_macs, count_params
+        from nn.models import compress
+
+        if kind == "macs":
+            return (lambda model, masks: count_macs(compress(model, masks), run.input_size),
+                    run.dense["macs"], None)
+        if kind == "params":
+            return (lambda model, masks: count_params(compress(model, masks)),
+                    run.dense["params"], None)
+        from nn.budget import total
+        from nn.budget_latency import latency_terms
+
+        sizes = {f.name: f.size for f in run.pruned}
+        terms, constant, info = latency_terms(run, sizes, {})
+
+        def predicted(model, masks):
+            return total(terms, sizes, {n: int(m.sum()) for n, m in masks.items()}) + constant
+
+        return predicted, info.get("dense_measured_ms") or total(terms, sizes) + constant, info
 
     def select(self, run, training):
         from nn.budget import Budget
-        from nn.complexity import count_macs, count_params
+        from nn.complexity import count_macs
         from nn.models import compress
 
         tp = torch_pruning()
         cfg, opts = run.config.selection, run.config.method.options
+        round_to = self.round_to(run.config)
         fams, model = list(run.pruned), training.module
         rule = cfg.rule if cfg.rule != "auto" else "budget" if cfg.budget else self.rule
-        if rule == "budget":
-            budget = Budget.parse(cfg.budget)
-            kind, limit = budget.kind, budget.absolute(run.dense[budget.kind])
-        else:
-            budget, kind, limit = None, "macs", cfg.mac_target * run.dense["macs"]
-        counter = count_macs if kind == "macs" else lambda m, size: count_params(m)
+        budget = Budget.parse(cfg.budget) if rule == "budget" else None
+        kind = budget.kind if budget else "macs"
+        counter, dense_cost, table_info = self._cost(run, kind)
+        limit = budget.absolute(dense_cost) if budget else cfg.mac_target * dense_cost
         total = sum(f.size for f in fams if f.size > 1)
         imp = self.importance(tp, opts)
         trials = {}
 
         def trial(k):
             pruned, masks, ranked = prune_with_tp(tp, self.pruner_class, model, run.input_size,
-                                                  fams, imp, _ratio(k, total), opts.round_to)
+                                                  fams, imp, _ratio(k, total), round_to)
             assert ranked == total, (ranked, total)  # TP ranks exactly our filter channels
-            value = counter(compress(model, masks), run.input_size)
+            value = counter(model, masks)
             trials[k] = {"candidate": k, "ratio": _ratio(k, total), "value": value,
                          "ok": value <= limit,
                          "removed": int(sum(int((~m).sum()) for m in masks.values()))}
-            bar.set_postfix(k=k, **{kind: f"{value / run.dense[kind]:.3f}"})
+            bar.set_postfix(k=k, **{kind: f"{value / dense_cost:.3f}"})
             bar.update()
             return pruned, masks, value
 
@@ -259,8 +296,8 @@ class _TorchPruning(Method):
                     if trial(k)[2] <= limit:
                         hi = k
                         break
-                    if trials[k]["value"] > trials[lo]["value"]:  # a layer left whole: the
-                        # feasible range, if any, lies between; look at every k there
+                    if trials[k]["removed"] < trials[lo]["removed"]:  # a layer left whole:
+                        # the feasible range, if any, lies between; look at every k there
                         hi = next((j for j in range(lo + 1, k) if trial(j)[2] <= limit), None)
                         lo = hi - 1 if hi is not None else lo
                         break
@@ -269,8 +306,8 @@ class _TorchPruning(Method):
                     best = min(trials.values(), key=lambda t: t["value"])
                     raise ConfigError(
                         f"method {self.name}: Torch-Pruning's global pruning cannot bring {kind} "
-                        f"to {limit:.6g}; the least it reached is {best['value']} "
-                        f"({best['value'] / run.dense[kind]:.3f} of dense) at pruning ratio "
+                        f"to {limit:.6g}; the least it reached is {best['value']:.6g} "
+                        f"({best['value'] / dense_cost:.3f} of dense) at pruning ratio "
                         f"{best['ratio']:.4f} (it leaves a layer whole rather than empty it): "
                         f"raise the target")
                 while hi - lo > 1:  # invariant: value(lo) > limit >= value(hi)
@@ -289,16 +326,18 @@ class _TorchPruning(Method):
         removed = {n: int((~m).sum()) for n, m in masks.items()}
         sel = {"rule": rule, "score": self.score_name(run), "library": "torch-pruning",
                "version": library_version(), "pruner": self.pruner_class,
-               "importance": self.importance_name(opts), "round_to": opts.round_to,
+               "importance": self.importance_name(opts), "round_to": round_to,
                "global_pruning": True, "pruning_ratio": _ratio(hi, total), "cut": hi,
                "structures": total, "cost_kind": kind, "limit": limit, "value": value,
-               "value_ratio": value / run.dense[kind],
+               "dense_cost": dense_cost, "value_ratio": value / dense_cost,
                "value_previous": trials[hi - 1]["value"] if hi else None,
                "macs_at_cut": count_macs(ours, run.input_size), "tp_model_macs":
                count_macs(tp_model, run.input_size), "logits_max_abs_diff": diff,
                "logits_tolerance": LOGITS_TOL, "removed": removed,
                "pruned_families": "filter",
                "shortcut": getattr(model, "arch", {}).get("shortcut")}
+        if table_info is not None:
+            sel["latency_table"] = table_info
         steps = sorted(trials.values(), key=lambda t: t["candidate"])
         if rule == "budget":
             sel.update(budget=str(budget), budget_abs=limit, trials=steps)
@@ -306,11 +345,11 @@ class _TorchPruning(Method):
             sel.update(mac_target=cfg.mac_target, target_reached=True, trace=steps)
         sel["summary"] = (
             f"Torch-Pruning {sel['version']} {self.pruner_class}, {sel['importance']} importance, "
-            f"global pruning ratio {sel['pruning_ratio']:.4f} (round_to {opts.round_to}): "
+            f"global pruning ratio {sel['pruning_ratio']:.4f} (round_to {round_to}): "
             f"removed {sum(removed.values())} of {total} internal filters; {kind} "
-            f"{value / run.dense[kind]:.4f} of dense <= "
+            f"{value / dense_cost:.4f} of dense <= "
             + (f"budget {budget}" if budget else f"MAC target {cfg.mac_target}")
-            + (f" (one channel fewer pruned: {trials[hi - 1]['value'] / run.dense[kind]:.4f})"
+            + (f" (one channel fewer pruned: {trials[hi - 1]['value'] / dense_cost:.4f})"
                if hi else "") + f"; logits vs Torch-Pruning's model: max diff {diff:.2g}")
         return masks, sel
 
@@ -331,7 +370,7 @@ class _TorchPruning(Method):
         opts = run.config.method.options
         return {"library": "torch-pruning", "version": library_version(), "pinned": VERSION,
                 "pruner": self.pruner_class, "importance": self.importance_name(opts),
-                "round_to": opts.round_to, "global_pruning": True,
+                "round_to": self.round_to(run.config), "global_pruning": True,
                 "pruned": FILTERS_ONLY,
                 "ratio": "the smallest global pruning_ratio whose compressed model meets the "
                          "target (scan, then bisection to one channel): see the selection"}
