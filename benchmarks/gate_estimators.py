@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import _common
+from nn.methods.variational.estimators import batched_flips
 from nn.methods.variational.gated import GatedResNet
 from nn.models import BasicBlock, ResNet
 
@@ -61,6 +62,8 @@ def parse(argv=None):
     p.add_argument("--widths", type=int, nargs="+", default=[3, 3, 4],
                    help="one setting per entry: units per family (2 width + 2 gates; the "
                    "i-th setting uses seed + i)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--out", default=None, help="output stem (default: benchmarks/results/"
                    "gate_estimators)")
@@ -69,6 +72,9 @@ def parse(argv=None):
         p.error("need 0 < theta-lo <= theta-hi < 1")
     if args.K < 2:
         p.error("--K must be >= 2")
+    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not args.variant_list or any(v not in VARIANTS for v in args.variant_list):
+        p.error(f"--variants must be among {', '.join(VARIANTS)}, got {args.variants!r}")
     if max(args.widths) > 6:
         p.error("width > 6 means more than 2^14 patterns to enumerate")
     return args
@@ -112,14 +118,20 @@ def enumerate_exact(gated: GatedResNet, x, y) -> dict:
             "st_mean": prob @ G, "ce_min": float(L.min()), "ce_max": float(L.max())}
 
 
-VARIANTS = {"st": ("st", None, None), "reinforce": ("reinforce", None, None),
-            "flip": ("flip", None, None), "flip 2u+1b": ("flip", 2, 1)}
-"""label: (estimator, flip_units, flip_blocks)"""
+VARIANTS = {"st": ("st", None, None, None), "reinforce": ("reinforce", None, None, None),
+            "flip": ("flip", None, None, None), "flip 2u+1b": ("flip", 2, 1, None),
+            "batched 12": ("batched", None, None, 12), "batched 8": ("batched", None, None, 8)}
+"""label: (estimator, flip_units, flip_blocks, flip_samples).  ``batched``: every gate flipped
+on a ghost batch of ``flip_samples`` of the batch, its per-step differences taken raw (before
+the running average training keeps, which is not a per-step estimate)."""
 
 
 def sample(gated: GatedResNet, x, y, variant: str, k: int, seed: int):
     """``k`` estimates as training computes them, and the wall time of each (ms)."""
-    gated.estimator, gated.flip_units, gated.flip_blocks = VARIANTS[variant]
+    est_name, gated.flip_units, gated.flip_blocks, ghost = VARIANTS[variant]
+    gated.estimator = est_name
+    if ghost is not None:
+        gated.flip_samples = ghost
     with torch.no_grad():
         gated.baseline.zero_()
         gated.baseline_set.fill_(False)
@@ -131,7 +143,11 @@ def sample(gated: GatedResNet, x, y, variant: str, k: int, seed: int):
         gated.zero_grad(set_to_none=True)
         ce = F.cross_entropy(gated(x), y)
         ce.backward()
-        est = gated.theta_gradient(ce.detach(), (x, y))
+        if est_name == "batched":
+            gates, values, _ = batched_flips(gated, x, y)
+            est = torch.zeros_like(gated.theta).index_put_((gates,), values)
+        else:
+            est = gated.theta_gradient(ce.detach(), (x, y))
         ms.append(1e3 * (time.perf_counter() - t0))
         out[i] = est.double()
     return out, ms
@@ -178,7 +194,7 @@ def main(argv=None):
                          "ce_range": [ex["ce_min"], ex["ce_max"]], "enumerate_s": enum_s,
                          "theta": gated.theta.tolist(), "exact_grad": exact.tolist(),
                          "st_exact_mean": ex["st_mean"].tolist()})
-        for estimator in VARIANTS:
+        for estimator in args.variant_list:
             est, ms = sample(gated, x, y, estimator, args.K, seed=1000 + seed)
             r = {"setting": name, "estimator": estimator, "gates": len(exact),
                  "E_ce": ex["E_ce"], "exact_grad_norm": float(exact.norm()),

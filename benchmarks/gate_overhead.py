@@ -89,9 +89,11 @@ def main(argv=None) -> int:
     p.add_argument("--estimators", type=estimators, default=estimators("st,flip"),
                    help="comma-separated, of " + ", ".join(ESTIMATORS))
     p.add_argument("--flip-units", type=int, default=VariationalOptions.flip_units,
-                   help="unit gates flipped per step by flip")
+                   help="unit gates flipped per step by flip and batched")
     p.add_argument("--flip-blocks", type=int, default=VariationalOptions.flip_blocks,
-                   help="block gates flipped per step by flip")
+                   help="block gates flipped per step by flip and batched")
+    p.add_argument("--flip-samples", type=int, default=VariationalOptions.flip_samples,
+                   help="ghost batch of the batched estimator")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -120,12 +122,13 @@ def main(argv=None) -> int:
     macs["plain"] = dense_macs
     for est, (suffix, (uf, bf)) in itertools.product(args.estimators, plans.items()):
         vcfg = VariationalOptions(theta_lr=1e-9, gate_warmup_epochs=0, estimator=est,
-                                  flip_units=args.flip_units, flip_blocks=args.flip_blocks)
+                                  flip_units=args.flip_units, flip_blocks=args.flip_blocks,
+                                  flip_samples=args.flip_samples)
         name = est + suffix
         net = build_model(args.model, 10, shape[0])
         net.load_state_dict(base.state_dict())
         gated = GatedResNet(net, shape, lam=1.0, estimator=est, flip_units=args.flip_units,
-                            flip_blocks=args.flip_blocks)
+                            flip_blocks=args.flip_blocks, flip_samples=args.flip_samples)
         kill(gated, uf, bf, args.seed)
         opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
         steps[name] = gated_step(gated, opt, x, y, hooks(gated, vcfg, 1)["after_backward"])

@@ -165,9 +165,13 @@ OPTIONS = {
     "--theta-lr": ("options", "theta_lr", dict(type=argtype("--theta-lr", float, 0, True),
                    help="projected-SGD step on the gate probabilities")),
     "--estimator": ("options", "estimator", dict(
-        choices=("st", "reinforce", "flip"), help="gradient estimator: flip (exact per-gate "
-        "differences, unbiased, one extra partial forward per gate flipped), st "
-        "(straight-through: free, biased) or reinforce (unbiased, high variance)")),
+        choices=("batched", "st", "reinforce", "flip"), help="gradient estimator: batched "
+        "(--flip-units + --flip-blocks gates flipped on a ghost batch of --flip-samples in one "
+        "extra pass, averaged per gate), flip (exact per-gate differences on the batch, one "
+        "extra partial forward per gate flipped), st (straight-through: free, biased) or "
+        "reinforce (unbiased, high variance)")),
+    "--flip-samples": ("options", "flip_samples", dict(type=argtype("--flip-samples", int, 1),
+                       help="batched: the ghost batch the gates are flipped on")),
     "--flip-units": ("options", "flip_units", dict(type=_count_or_all("--flip-units"),
                      help="unit gates flipped per step, or 'all'")),
     "--flip-blocks": ("options", "flip_blocks", dict(type=_count_or_all("--flip-blocks"),

@@ -117,9 +117,10 @@ def test_every_method_end_to_end(tmp_path, method):
         assert sel["rule"] == "variational" and report["regularizer"]["lam"] == 3.0
         hist = report["history"]["train"]
         assert len(hist[-1]["theta"]) == len(hist[0]["theta"]) > 0
-        # pruning happened during training, the network before surgery is the rounded one
-        assert hist[-1]["gates_units_alive"] < hist[0]["gates_units_alive"] or \
-            hist[-1]["gates_blocks_alive"] < hist[0]["gates_blocks_alive"]
+        # pruning happened during training (theta fell: with the default estimator a gate
+        # dies only on evidence gathered at theta = 0, more steps than this run has), the
+        # network before surgery is the rounded one
+        assert hist[-1]["gates_det_macs"] < hist[0]["gates_det_macs"]
         assert sel["bn_recalibration_batches"] == 1  # 96 images, eval batch 96
         assert sel["rounded_up"] + sel["rounded_down"] <= sel["structures"]
         assert c["pruned"]["macs"] == sel["before_rounding"]["det_macs"]
@@ -325,7 +326,7 @@ def test_every_default_has_one_home_and_help_prints_it_once(capsys):
     assert "default None" not in text and "default True" not in text
     assert "default spr 4.5, bigm 4.5, slimming 0.0001, variational 1" in text
     assert text.count("default 0.1") >= 2  # --lr and --alpha, each once
-    assert "spr, bigm; default 0.1" in text and "variational; default 'flip'" in text
+    assert "spr, bigm; default 0.1" in text and "variational; default 'batched'" in text
     cfg = RunConfig()
     assert (cfg.method.lam, cfg.method.options.M_scale, cfg.method.cost.macs) == (4.5, 2.0, 0.5)
 

@@ -184,7 +184,7 @@ def test_vertices_masks_and_rounding_keep_whole_groups():
 
 
 def test_step_theta_kills_and_pins_whole_groups():
-    g4, _ = pair()
+    g4, _ = pair(estimator="flip")  # the immediate death rule
     grad = torch.zeros(len(g4.theta))
     fam = g4.by_name["layer2.0.conv1"]
     grad[fam.slice] = torch.tensor([50.0, 60.0])  # both groups would die: the first is pinned

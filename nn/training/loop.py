@@ -54,7 +54,10 @@ from nn.training.runtime import (autocast_dtype, distributed_env, init_group,
                                  set_rng_state, unwrap)
 from nn.training.schedule import lr_at, make_optimizer
 
-__all__ = ["train", "NonFiniteError"]
+__all__ = ["train", "NonFiniteError", "LOG_KEY"]
+
+LOG_KEY = "log_line"
+"""The ``epoch_metrics`` key whose text is appended to the epoch's log line, not recorded."""
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +126,8 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
     under DDP it runs on the averaged gradients, which is right for a term every rank computes
     alike from the same weights;
     ``epoch_metrics(module, epoch)`` (1-based ``epoch``) is merged into the epoch's metrics (it
-    runs on every rank; rank 0's values are logged).  ``resume=True`` continues from
+    runs on every rank; rank 0's values are logged); its :data:`LOG_KEY` entry, a short text,
+    goes to the end of the epoch's log line instead.  ``resume=True`` continues from
     ``out_dir/checkpoint.pt`` when it exists (else starts afresh): weights, optimizer, schedule,
     RNG and loader states, epoch counter; the metrics log is cut back to the checkpoint's epoch.
     ``test_loader`` may be None (no evaluation).
@@ -374,10 +378,12 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
             eval_time = time.perf_counter() - t1
 
             # ---- 7. log: metrics line, progress summary -------------------------------------
+            extra_log = None
             if epoch_metrics is not None:
                 more = jsonable(epoch_metrics(module, epoch + 1))
                 if not isinstance(more, dict):
                     raise ValueError(f"epoch_metrics must return a dict, got {type(more)}")
+                extra_log = more.pop(LOG_KEY, None)
                 clash = sorted(set(more) & (set(record) | set(TIMING_KEYS)))
                 if clash:
                     raise ValueError(f"epoch_metrics returned reserved key(s) {clash}")
@@ -400,7 +406,7 @@ def train(model: tnn.Module, train_loader, test_loader, config: TrainConfig, *,
                               f"{record['test_acc']:.4f}" if "test_acc" in record else "")
                            + f" | lr {record['lr']:.4g} | "
                            + (f"{record['images_per_s']:.0f}" if record["images_per_s"] else "-")
-                           + " img/s")
+                           + " img/s" + (f" | {extra_log}" if extra_log else ""))
                 if config.progress:
                     tqdm.write(summary)
                 else:

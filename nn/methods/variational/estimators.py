@@ -1,9 +1,25 @@
 """Gradient estimators of ``d E[CE] / d theta`` for the gated ResNet (DESIGN §6).
 
 The exact value for gate ``s`` is ``E[CE | xi_s = 1] - E[CE | xi_s = 0]`` (``E[CE]`` is
-multilinear in theta).  Three estimators (:data:`ESTIMATORS`):
+multilinear in theta).  Four estimators (:data:`ESTIMATORS`):
 
-``flip``       (default) the exact conditional difference on the step's batch, ``CE(xi_s = 1,
+``batched``    (default) several gates' exact conditional differences on a small ghost batch,
+               in one widened pass: ``flip_samples`` samples of the step's batch, once with the
+               step's gate pattern and once per flipped gate with that gate flipped for all of
+               them, every copy normalised by its own BN statistics (``bn_groups`` of
+               :mod:`nn.models.resnet.forward`), so the flip's effect on the statistics -- the
+               renormalisation a removed unit gets in the final network -- is in it.  A flipped
+               gate's copy joins at the gate's block (earlier blocks are shared).  Its cost is
+               about ``flip_samples (1 + flips/2) / batch`` of a forward.  The estimate for a gate
+               is unbiased for the ghost batch's conditional difference, but one step estimates
+               only ``flip_units`` unit and ``flip_blocks`` block gates (each kind in turn from
+               a shuffled cycle) on a few samples: :meth:`GatedResNet.record` keeps a running
+               average per gate, theta follows the averages, and they decide when a gate at
+               theta = 0 may die (:meth:`GatedResNet.step_theta`).  A per-sample variant (one
+               gate per sample) was tried and dropped: BN couples the samples, so flipping a
+               gate for one sample measures its effect without the renormalisation, and on the
+               planted test it kept the distractors.
+``flip``       the exact conditional difference on the step's batch, ``CE(xi_s = 1,
                xi_-s) - CE(xi_s = 0, xi_-s)`` with the other gates as sampled: unbiased at
                every theta and free of the other gates' noise.  Each costs one extra
                train-mode pass (no grad, BN running statistics frozen) over the blocks from
@@ -34,11 +50,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ESTIMATORS", "DEFAULT_ESTIMATOR", "DEFAULT_FLIP_UNITS", "DEFAULT_FLIP_BLOCKS",
-           "multipliers", "theta_gradient", "flip_differences", "draw"]
+from nn.models.resnet import forward as fwd
 
-ESTIMATORS = ("st", "reinforce", "flip")
-DEFAULT_ESTIMATOR, DEFAULT_FLIP_UNITS, DEFAULT_FLIP_BLOCKS = "flip", 4, 2
+__all__ = ["ESTIMATORS", "DEFAULT_ESTIMATOR", "DEFAULT_FLIP_UNITS", "DEFAULT_FLIP_BLOCKS",
+           "DEFAULT_FLIP_SAMPLES", "multipliers", "theta_gradient", "flip_differences",
+           "batched_flips", "draw"]
+
+ESTIMATORS = ("st", "reinforce", "flip", "batched")
+DEFAULT_ESTIMATOR, DEFAULT_FLIP_UNITS, DEFAULT_FLIP_BLOCKS = "batched", 4, 2
+DEFAULT_FLIP_SAMPLES = 12
 
 
 def multipliers(estimator: str, xi: torch.Tensor, leaf: torch.Tensor, alive: torch.Tensor):
@@ -55,15 +75,19 @@ def theta_gradient(gated, ce: torch.Tensor, batch=None) -> torch.Tensor:
     """The step's gradient estimate w.r.t. theta (:meth:`GatedResNet.theta_gradient`): the
     leaf's gradient (straight-through and the exact cost part) plus, for ``reinforce``,
     ``(ce - baseline) * score`` (the baseline is updated), for ``flip`` the conditional
-    differences on ``batch``."""
+    differences on ``batch``, for ``batched`` every gate's running average of its flip
+    differences (this step's recorded first)."""
     if gated._leaf is None:
         raise RuntimeError("theta_gradient needs a training-mode forward pass first")
     g = gated._leaf.grad
     g = torch.zeros_like(gated.theta) if g is None else g.detach().clone()
+    if gated.estimator in ("flip", "batched") and batch is None:
+        raise ValueError(f"the {gated.estimator} estimator needs the step's batch (x, y)")
     if gated.estimator == "flip":
-        if batch is None:
-            raise ValueError("the flip estimator needs the step's batch (x, y)")
         return g + flip_differences(gated, ce, *batch)
+    if gated.estimator == "batched":
+        gated.record(*batched_flips(gated, *batch)[:2])
+        return g + gated.averaged_ce_gradient()
     if gated.estimator == "reinforce":
         th, xi = gated.theta, gated._xi.to(gated.theta.dtype)
         inner = (th > 0) & (th < 1) & gated.alive
@@ -115,6 +139,68 @@ def flip_differences(gated, ce: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
             m.momentum = mom
         gated._inputs = None  # used once: do not hold the step's activations any longer
     return out
+
+
+@torch.no_grad()
+def batched_flips(gated, x: torch.Tensor, y: torch.Tensor):
+    """``(gates, values, samples)``: the gates flipped this step (``flip_units`` unit and
+    ``flip_blocks`` block gates, each kind taken in turn from its shuffled cycle over the live
+    unpinned gates, :meth:`GatedResNet.next_gates`), each one's ``CE(xi_s = 1) - CE(xi_s = 0)``
+    on the ghost batch, and the ghost batch's sample indices (``flip_samples`` of the batch
+    ``(x, y)``, drawn at random).
+
+    One train-mode pass, no grad, BN running statistics untouched: group 0 is the ghost batch
+    with the step's gate pattern, group ``j + 1`` the same samples with gate ``gates[j]``
+    flipped, each group normalised by its own statistics (``bn_groups``).  Group 0 starts at the
+    earliest flipped gate's block from the saved block input; a flipped gate's group joins at
+    its own block as a copy of group 0 there, so the two share everything before the flip."""
+    xi, inputs = gated._xi, gated._inputs
+    nb = len(gated.layout.blocks)
+    if inputs is None or len(inputs) != nb:
+        raise RuntimeError("batched flips need the block inputs of this step's training forward")
+    gated._inputs = None  # used once: do not hold the step's activations any longer
+    free = (gated.alive & ~gated.pinned).cpu()
+    gates = gated.next_gates(free, "unit", gated.flip_units) + \
+        gated.next_gates(free, "block", gated.flip_blocks)
+    dev = gated.theta.device
+    if not gates:
+        none = torch.zeros(0, dtype=torch.long)
+        return none.to(dev), gated.theta.new_zeros(0), none
+    n = x.shape[0]
+    m = min(gated.flip_samples, n)
+    samples = torch.randperm(n, device="cpu")[:m]
+    gates.sort(key=gated._gate_block.__getitem__)
+    pos = [gated._gate_block[s] for s in gates]
+    g_dev = torch.tensor(gates, dtype=torch.long, device=dev)
+    base = xi.to(gated.theta.dtype)
+    groups = 1 + len(gates)
+    rows = base.expand(groups, m, -1).clone()
+    rows[torch.arange(1, groups, device=dev), :, g_dev] = (1 - base[g_dev])[:, None]
+    rows = rows.reshape(groups * m, -1)
+    on = xi.tolist()
+    blocks = [g.start for g in gated.gates if g.kind == "block"]
+    idx = gated._indices()
+    xs, used = x[samples.to(x.device)], 1
+    if pos[0] < 0:  # stem gates: their groups and group 0 start at the input
+        used += sum(p < 0 for p in pos)
+        h = gated._stem(xs.repeat(used, 1, 1, 1), rows[:used * m], bn_groups=used)
+    else:
+        h = inputs[pos[0]].detach()[samples.to(x.device)]
+    for p in range(max(pos[0], 0), nb):
+        k = sum(q == p for q in pos)
+        if k:
+            h = torch.cat([h, h[:m].repeat(k, 1, 1, 1)])
+            used += k
+        compute = list(on)
+        live = rows[:used * m].bool().any(0).tolist()
+        for b in blocks:
+            compute[b] = live[b]
+        h = gated._block(p, h, rows[:used * m], compute, idx, bn_groups=used)
+    logits = fwd.head(gated.net, h).float()
+    ce = F.cross_entropy(logits, y[samples.to(y.device)].repeat(groups), reduction="none")
+    ce = ce.reshape(groups, m).mean(1)
+    d = ce[1:] - ce[0]  # flipped - as sampled
+    return g_dev, torch.where(base[g_dev] > 0, -d, d).to(gated.theta.dtype), samples
 
 
 def draw(gates: torch.Tensor, k: int | None) -> list[tuple[int, float]]:

@@ -45,13 +45,22 @@ from nn.complexity import count_macs, count_params, layer_macs
 from nn.cost import CostConfig
 from nn.methods.variational import cost as C
 from nn.methods.variational.estimators import (DEFAULT_ESTIMATOR, DEFAULT_FLIP_BLOCKS,
-                                               DEFAULT_FLIP_UNITS, ESTIMATORS, multipliers,
-                                               theta_gradient)
+                                               DEFAULT_FLIP_SAMPLES, DEFAULT_FLIP_UNITS,
+                                               ESTIMATORS, multipliers, theta_gradient)
 from nn.models.resnet import forward as fwd
 from nn.models.resnet.structures import build_families, layout
 
 __all__ = ["ESTIMATORS", "DEFAULT_ESTIMATOR", "DEFAULT_FLIP_UNITS", "DEFAULT_FLIP_BLOCKS",
-           "GatedResNet"]
+           "DEFAULT_FLIP_SAMPLES", "GatedResNet", "AVERAGE_DECAY", "DEATH_VISITS", "DEATH_Z"]
+
+AVERAGE_DECAY = 0.1
+"""``batched``: a gate's average is the plain mean of its first ``1 / AVERAGE_DECAY`` flip
+differences, then an exponential moving average with this weight per visit (its effective
+count ``(2 - a) / a``, 19 visits): it forgets estimates made on weights long gone."""
+DEATH_VISITS = 8
+"""``batched``: a gate at theta = 0 may die only after this many flip differences."""
+DEATH_Z = 2.0
+"""``batched``: ... and only when its value plus this many standard errors is below its price."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +79,9 @@ class _Gate:
         return slice(self.start, self.start + self.size)
 
     def units(self, v: torch.Tensor) -> torch.Tensor:
-        """This family's entries of ``v`` (one per gate, theta's layout), one per structure:
-        each gate's entry repeated over its ``group`` structures."""
-        return v[self.slice].repeat_interleave(self.group)
+        """This family's entries of ``v`` (one per gate along its last axis, theta's layout),
+        one per structure: each gate's entry repeated over its ``group`` structures."""
+        return v[..., self.slice].repeat_interleave(self.group, dim=-1)
 
 
 class GatedResNet(tnn.Module):
@@ -95,7 +104,7 @@ class GatedResNet(tnn.Module):
                  estimator: str = DEFAULT_ESTIMATOR, baseline_decay: float = 0.9,
                  flip_units: int | None = DEFAULT_FLIP_UNITS,
                  flip_blocks: int | None = DEFAULT_FLIP_BLOCKS, latency: dict | None = None,
-                 group: int = 1):
+                 group: int = 1, flip_samples: int = DEFAULT_FLIP_SAMPLES):
         super().__init__()
         try:
             lay = layout(net)
@@ -111,7 +120,9 @@ class GatedResNet(tnn.Module):
         optional_count("flip_units", flip_units)
         optional_count("flip_blocks", flip_blocks)
         integer("group", group, 1)
+        integer("flip_samples", flip_samples, 1)
         self.flip_units, self.flip_blocks = flip_units, flip_blocks
+        self.flip_samples = flip_samples
         self.net = net
         self.lam, self.cost_config = float(lam), cost
         self.estimator, self.baseline_decay = estimator, float(baseline_decay)
@@ -154,6 +165,17 @@ class GatedResNet(tnn.Module):
         self.register_buffer("baseline", torch.zeros(()))
         self.register_buffer("baseline_set", torch.zeros((), dtype=torch.bool))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        # batched: every gate's running average of CE(on) - CE(off), of its square, its
+        # visits; per gate kind, a shuffled cycle of its gates and the position in it
+        # (buffers: --resume continues)
+        self.register_buffer("est_mean", torch.zeros(n))
+        self.register_buffer("est_sq", torch.zeros(n))
+        self.register_buffer("est_n", torch.zeros(n))
+        n_unit_gates = sum(g.size for g in gates if g.kind == "unit")
+        for kind, first, size in (("unit", 0, n_unit_gates), ("block", n_unit_gates,
+                                                              n - n_unit_gates)):
+            self.register_buffer(f"{kind}_cycle", torch.arange(first, first + size))
+            self.register_buffer(f"{kind}_pos", torch.tensor(size))  # at the end: shuffle
         if cost.latency and latency is None:
             raise ValueError("a latency cost needs the marginal latencies of the latency "
                              "table (nn.budget_latency.latency_cost)")
@@ -265,37 +287,45 @@ class GatedResNet(tnn.Module):
         else:  # mean field: every live gate scaled by theta (exactly the 0/1 net at vertices)
             mult = self.theta * self.alive
             compute = self.alive.tolist()
-        # flip re-runs only the blocks after a flipped gate, from these saved block inputs
-        self._inputs = [] if (self.training and self.estimator == "flip") else None
+        # flip and batched re-run only the blocks after a flipped gate, from these inputs
+        self._inputs = [] if (self.training and self.estimator in ("flip", "batched")) else None
         return self._tail(self._stem(x, mult), 0, mult, compute, idx, self._inputs)
 
-    def _stem(self, x, mult):
+    def _stem(self, x, mult, bn_groups: int = 1):
         stem = self.by_name.get("conv1")  # ResNet-50 stem filters: multiplied, never sliced
-        return fwd.stem(self.net, x, None if stem is None else stem.units(mult))
+        return fwd.stem(self.net, x, None if stem is None else stem.units(mult), bn_groups)
 
     def _tail(self, h, start, mult, compute, idx, inputs=None):
         """Blocks ``start:`` and the head on ``h`` (the input of block ``start``), with gate
         multipliers ``mult``, ``compute`` (per gate: is its branch computed) and the alive
-        channel indices ``idx``; appends every block's input to ``inputs`` when given.  A
-        skipped block is its identity shortcut: its input is a ReLU output, ``relu(x + 0) =
-        x``."""
-        modules = self._modules_by_name
-        for info in self.layout.blocks[start:]:
+        channel indices ``idx``; appends every block's input to ``inputs`` when given."""
+        for pos in range(start, len(self.layout.blocks)):
             if inputs is not None:
                 inputs.append(h)
-            bgate = self.by_name.get(f"block.{info.name}")
-            if bgate is not None and not compute[bgate.start]:
-                continue
-            select, scales = [], []
-            for conv in info.convs[:-1]:
-                gate = self.by_name[conv]
-                sel, m = idx[gate.name], gate.units(mult)
-                select.append(sel)
-                scales.append(m if sel is None else m[sel])
-            layers = [(modules[c], modules[b]) for c, b in zip(info.convs, info.bns)]
-            h = fwd.block(h, modules[info.name].downsample, layers, select=select + [None],
-                          scales=scales, out_scale=None if bgate is None else mult[bgate.start])
+            h = self._block(pos, h, mult, compute, idx)
         return fwd.head(self.net, h)
+
+    def _block(self, pos, h, mult, compute, idx, bn_groups: int = 1):
+        """Block ``pos`` on its input ``h``: gate multipliers ``mult`` (one per gate, or one
+        row per sample: ``(batch, gates)``), ``compute`` and ``idx`` as :meth:`_tail`,
+        ``bn_groups`` ghost batches (:mod:`nn.models.resnet.forward`).  A skipped block is its
+        identity shortcut: its input is a ReLU output, ``relu(x + 0) = x``."""
+        info = self.layout.blocks[pos]
+        modules = self._modules_by_name
+        bgate = self.by_name.get(f"block.{info.name}")
+        if bgate is not None and not compute[bgate.start]:
+            return h
+        select, scales = [], []
+        for conv in info.convs[:-1]:
+            gate = self.by_name[conv]
+            sel, m = idx[gate.name], gate.units(mult)
+            select.append(sel)
+            scales.append(m if sel is None else m[..., sel])
+        layers = [(modules[c], modules[b]) for c, b in zip(info.convs, info.bns)]
+        out = None if bgate is None else (mult[bgate.start] if mult.dim() == 1 else
+                                           mult[:, bgate.start:bgate.start + 1])
+        return fwd.block(h, modules[info.name].downsample, layers, select=select + [None],
+                         scales=scales, out_scale=out, bn_groups=bn_groups)
 
     # ---------------------------------------------------------------- gradient and update
     def theta_gradient(self, ce: torch.Tensor, batch=None) -> torch.Tensor:
@@ -306,12 +336,71 @@ class GatedResNet(tnn.Module):
         differences on ``batch`` (``(x, y)``, the step's; required).  See :mod:`.estimators`."""
         return theta_gradient(self, ce, batch)
 
+    def next_gates(self, free: torch.Tensor, kind: str, k: int | None) -> list[int]:
+        """The next ``k`` gates of kind ``kind`` (``unit`` or ``block``) in its shuffled cycle
+        that are ``free`` (a bool per gate; ``k`` None: all of them), a new shuffle
+        (``torch.randperm``) each time the cycle ends; at most once each per call."""
+        cycle, pos = getattr(self, f"{kind}_cycle"), int(getattr(self, f"{kind}_pos"))
+        n_free = int(free[cycle.cpu()].sum()) if len(cycle) else 0
+        k = n_free if k is None else min(k, n_free)
+        order, out = cycle.tolist(), []
+        while len(out) < k:
+            if pos >= len(order):
+                perm = torch.randperm(len(order))
+                order, pos = [order[i] for i in perm.tolist()], 0
+                cycle.copy_(torch.tensor(order))
+            if free[order[pos]] and order[pos] not in out:
+                out.append(order[pos])
+            pos += 1
+        getattr(self, f"{kind}_pos").fill_(pos)
+        return out
+
+    @torch.no_grad()
+    def record(self, gates: torch.Tensor, values: torch.Tensor) -> None:
+        """Fold this step's flip differences ``values`` (of ``gates``, repeats allowed) into
+        every gate's running average (:data:`AVERAGE_DECAY`): with ``k`` new values of mean
+        ``v`` after ``n``, ``mean += w (v - mean)``, ``w = max(k / (n + k), 1 - (1 - a)^k)``;
+        the same for the squares."""
+        if gates.numel() == 0:
+            return
+        k = torch.zeros_like(self.est_n).index_add_(0, gates, torch.ones_like(values))
+        s1 = torch.zeros_like(self.est_mean).index_add_(0, gates, values)
+        s2 = torch.zeros_like(self.est_sq).index_add_(0, gates, values * values)
+        seen = k > 0
+        kk = k.clamp_min(1)
+        w = torch.maximum(k / (self.est_n + kk), 1 - (1 - AVERAGE_DECAY) ** k)
+        w = torch.where(seen, w, torch.zeros_like(w))
+        self.est_mean.add_(w * (s1 / kk - self.est_mean))
+        self.est_sq.add_(w * (s2 / kk - self.est_sq))
+        self.est_n.add_(k)
+
+    def averaged_ce_gradient(self) -> torch.Tensor:
+        """``batched``: every gate's running average of ``CE(on) - CE(off)`` (0 before its first
+        visit): the cross-entropy part of the theta gradient."""
+        return torch.where(self.est_n > 0, self.est_mean, torch.zeros_like(self.est_mean))
+
+    def evidence_useless(self, price: torch.Tensor) -> torch.Tensor:
+        """Per gate: its value ``CE(off) - CE(on)`` is below ``price`` (``lam dR/dtheta``) with
+        confidence -- at least :data:`DEATH_VISITS` flip differences, and their average plus
+        :data:`DEATH_Z` standard errors (effective count ``min(n, (2 - a) / a)``) below it."""
+        n = self.est_n
+        var = (self.est_sq - self.est_mean ** 2).clamp_min(0)
+        eff = n.clamp(1, (2 - AVERAGE_DECAY) / AVERAGE_DECAY)
+        upper = -self.est_mean + DEATH_Z * (var / eff).sqrt()
+        return (n >= DEATH_VISITS) & (upper < price)
+
     @torch.no_grad()
     def step_theta(self, grad: torch.Tensor, lr: float, precondition: bool = True) -> int:
         """Projected SGD: ``theta <- clip(theta - lr P grad, 0, 1)`` on live, unpinned gates,
         with ``P = diag(1 / unit_cost)`` (every gate's marginal cost at theta = 1) when
         ``precondition``, else ``P = I``.  A gate reaching 0 dies for good, except a unit
         family's last live gate, which is pinned at 1.  Returns the number of gates that died.
+
+        With ``batched``, one estimate cannot kill a gate: theta follows each gate's running
+        average (:meth:`record`), and a gate at 0 dies only on evidence
+        (:meth:`evidence_useless` against its marginal price ``lam dR/dtheta`` now); until then
+        it stays alive at theta = 0 -- sampled off in training, still flipped on by the estimator,
+        so it comes back if its value rises above its price.
 
         Why precondition: a block's marginal cost is the sum of its units', so plain SGD moves
         block gates (width of the block) times faster than unit gates and removes blocks soon
@@ -323,6 +412,12 @@ class GatedResNet(tnn.Module):
         step = grad / self.unit_cost if precondition else grad
         new = torch.where(free, (self.theta - lr * step).clamp(0.0, 1.0), self.theta)
         dying = free & (new <= 0)
+        if self.estimator == "batched" and bool(dying.any()):
+            with torch.enable_grad():
+                price = self.marginal_costs()
+            arrived = dying & (self.theta > 0)  # just reached 0: judge it on what follows
+            self.est_n.masked_fill_(arrived, 0)
+            dying &= self.evidence_useless(price) & ~arrived
         died = 0
         if bool(dying.any()):
             d = dying.cpu()

@@ -19,7 +19,8 @@ from nn.checks import choice, integer, number, optional_count
 from nn.config import ConfigError
 from nn.methods.base import Method, Training
 from nn.methods.variational.estimators import (DEFAULT_ESTIMATOR, DEFAULT_FLIP_BLOCKS,
-                                               DEFAULT_FLIP_UNITS, ESTIMATORS)
+                                               DEFAULT_FLIP_SAMPLES, DEFAULT_FLIP_UNITS,
+                                               ESTIMATORS)
 from nn.methods.variational.gated import GatedResNet
 
 __all__ = ["Variational", "VariationalOptions", "hooks", "recalibrate_bn"]
@@ -31,7 +32,8 @@ class VariationalOptions:
     ``gate_warmup_epochs``: epochs (may be fractional) before theta moves; ``theta_init``:
     initial keep probability of every gate; ``precondition``: divide each gate's step by its
     marginal cost at theta = 1 (:meth:`GatedResNet.step_theta` says why); ``flip_units``,
-    ``flip_blocks``: live unit and block gates flipped per step by ``flip`` (None: all);
+    ``flip_blocks``: live unit and block gates flipped per step by ``flip`` and ``batched``
+    (None: all); ``flip_samples``: the ghost batch ``batched`` flips them on;
     ``group``: consecutive units of a family under one gate, sampled, scored and kept together
     (pair it with ``--granularity``; every unit family's size must be a multiple)."""
 
@@ -43,6 +45,7 @@ class VariationalOptions:
     flip_units: int | None = DEFAULT_FLIP_UNITS
     flip_blocks: int | None = DEFAULT_FLIP_BLOCKS
     group: int = 1
+    flip_samples: int = DEFAULT_FLIP_SAMPLES
 
     def __post_init__(self):
         number("theta_lr", self.theta_lr, 0, open_lo=True)
@@ -51,6 +54,7 @@ class VariationalOptions:
         optional_count("flip_units", self.flip_units)
         optional_count("flip_blocks", self.flip_blocks)
         integer("group", self.group, 1)
+        integer("flip_samples", self.flip_samples, 1)
         if not isinstance(self.precondition, bool):
             raise ValueError(f"precondition must be a bool, got {self.precondition!r}")
         choice("estimator", self.estimator, ESTIMATORS)
@@ -70,10 +74,18 @@ def hooks(gated: GatedResNet, options: VariationalOptions, steps_per_epoch: int)
         m.steps += 1
 
     def epoch_metrics(m: GatedResNet, epoch: int) -> dict:
-        out = {f"gates_{k}": v for k, v in m.stats().items()}
+        from nn.training.loop import LOG_KEY
+
+        st = m.stats()
+        out = {f"gates_{k}": v for k, v in st.items()}
         out["gates_died"] = counts["died"]
         counts["died"] = 0
         out["theta"] = m.theta_by_family()
+        out[LOG_KEY] = (f"live MACs {st['live_macs'] / 1e6:.2f}M "
+                        f"({st['live_macs'] / m.dense_macs:.3f}), deterministic "
+                        f"{st['det_macs'] / 1e6:.2f}M ({st['det_macs'] / m.dense_macs:.3f}); "
+                        f"units {st['units_alive']}/{m.n_units * m.group}, blocks "
+                        f"{st['blocks_alive']}/{m.n_blocks}, died {out['gates_died']}")
         return out
 
     return dict(extra_loss=lambda m: m.penalty(), after_backward=after_backward,
@@ -147,7 +159,8 @@ class Variational(Method):
         gated = GatedResNet(run.model, run.input_size, lam=m.lam, cost=m.cost,
                             theta_init=o.theta_init, estimator=o.estimator,
                             flip_units=o.flip_units, flip_blocks=o.flip_blocks,
-                            latency=latency, group=o.group).to(run.device)
+                            latency=latency, group=o.group,
+                            flip_samples=o.flip_samples).to(run.device)
         return Training(gated, hooks(gated, o, run.steps_per_epoch), gated)
 
     def score_name(self, run):
@@ -211,7 +224,8 @@ class Variational(Method):
         m, o = run.config.method, run.config.method.options
         return {"penalty": "variational", "lam": m.lam, "cost": m.cost.to_dict(),
                 "theta_lr": o.theta_lr, "estimator": o.estimator, "flip_units": o.flip_units,
-                "flip_blocks": o.flip_blocks, "warmup_epochs": o.gate_warmup_epochs,
+                "flip_blocks": o.flip_blocks, "flip_samples": o.flip_samples,
+                "warmup_epochs": o.gate_warmup_epochs,
                 "theta_init": o.theta_init, "group": o.group,
                 "R": "macs E[MACs]/MACs0 + params E[params]/params0 + blocks E[blocks]/B "
                      "(exact, multilinear in theta)"}

@@ -17,6 +17,13 @@ a block's scales the affine terms of its last BN, ``bn(z) * m = bn_{gamma m, bet
 Both are exact, the gradient w.r.t. the multipliers included.  With no selection and no
 multiplier a layer is called as the module itself (``conv(x)``, ``bn(x)``), so forward hooks
 see the dense network's layers.
+
+Per-sample multipliers (a 2-D ``(batch, channels)`` scale, or ``(batch, 1)`` for a block's
+output) cannot be folded into shared weights: they multiply the activations instead, at the
+same place (the conv's input, the last BN's output), which is the same function.  With
+``bn_groups`` G > 1 the batch is G equal-sized ghost batches, each normalised in training by its
+own statistics (running statistics untouched), as if each had been a forward of its own: the
+variational pruner's batched flips evaluate G gate patterns in one pass this way.
 """
 
 from __future__ import annotations
@@ -36,14 +43,22 @@ def stages(net: tnn.Module) -> list[tnn.Module]:
     return out
 
 
-def stem(net: tnn.Module, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def stem(net: tnn.Module, x: torch.Tensor, scale: torch.Tensor | None = None,
+         bn_groups: int = 1) -> torch.Tensor:
     """``maxpool(relu(bn1(conv1(x))) * scale)``; ``scale`` per stem channel (None: 1).  The
     multiplier comes after the ReLU: folded into ``bn1`` it would give a gate sampled off the
     straight-through gradient ``relu'(0) = 0``."""
-    h = F.relu(net.bn1(net.conv1(x)), inplace=True)
+    h = F.relu(_bn(net.bn1, net.conv1(x), None, None, bn_groups) if bn_groups > 1
+               else net.bn1(net.conv1(x)), inplace=True)
     if scale is not None:
-        h = h * scale.to(h.dtype)[None, :, None, None]
+        h = h * _broadcast(scale.to(h.dtype))
     return net.maxpool(h)
+
+
+def _broadcast(scale: torch.Tensor) -> torch.Tensor:
+    """A per-channel ``(C,)`` or per-sample ``(N, C)`` scale shaped to multiply ``(N, C, H,
+    W)`` activations."""
+    return scale[None, :, None, None] if scale.dim() == 1 else scale[:, :, None, None]
 
 
 def head(net: tnn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -60,11 +75,15 @@ def network(net: tnn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _bn(bn: tnn.BatchNorm2d, x: torch.Tensor, idx: torch.Tensor | None,
-        scale: torch.Tensor | None) -> torch.Tensor:
+        scale: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
     """``bn`` restricted to channels ``idx`` (None: all), its output multiplied by ``scale``
-    (per channel or a scalar, folded into the affine terms; None: 1).  In training the running
-    statistics (of ``x``, unscaled) of those channels are updated exactly as the full BN would
-    update them."""
+    (per channel or a scalar, folded into the affine terms; per sample, ``(N, 1)`` or ``(N,
+    C)``: multiplying the output; None: 1).  In training the running statistics (of ``x``,
+    unscaled) of those channels are updated exactly as the full BN would update them; with
+    ``groups`` > 1, each of the ``groups`` equal slices of the batch is normalised by its own
+    (biased) statistics, ``(x - mean_g) / sqrt(var_g + eps)``, and nothing is updated."""
+    if scale is not None and scale.dim() == 2:
+        return _bn(bn, x, idx, None, groups) * scale.to(x.dtype)[:, :, None, None]
     w, b, rm, rv = bn.weight, bn.bias, bn.running_mean, bn.running_var
     if idx is not None:
         w, b, rm, rv = (t.index_select(0, idx) for t in (w, b, rm, rv))
@@ -73,6 +92,12 @@ def _bn(bn: tnn.BatchNorm2d, x: torch.Tensor, idx: torch.Tensor | None,
         w, b = w * scale, b * scale
     if not bn.training:
         return F.batch_norm(x, rm, rv, w, b, False, 0.0, bn.eps)
+    if groups > 1:
+        xg = x.reshape(groups, -1, *x.shape[1:])
+        var, mean = torch.var_mean(xg, dim=(1, 3, 4), correction=0, keepdim=True)
+        scale_ = w[None, None, :, None, None] * torch.rsqrt(var + bn.eps)
+        return torch.addcmul(b[None, None, :, None, None] - mean * scale_, xg,
+                             scale_).reshape(x.shape)
     with torch.no_grad():
         bn.num_batches_tracked.add_(1)
     momentum = bn.momentum if bn.momentum is not None else \
@@ -86,10 +111,13 @@ def _bn(bn: tnn.BatchNorm2d, x: torch.Tensor, idx: torch.Tensor | None,
 
 
 def conv_bn(x: torch.Tensor, conv: tnn.Conv2d, bn: tnn.BatchNorm2d, out_idx=None, in_idx=None,
-            in_scale=None, out_scale=None) -> torch.Tensor:
+            in_scale=None, out_scale=None, bn_groups: int = 1) -> torch.Tensor:
     """``bn(conv(x))`` restricted to output channels ``out_idx`` and input channels ``in_idx``
-    (None: all), the input channels multiplied by ``in_scale`` (folded into the weight) and the
-    output by ``out_scale`` (folded into the BN affine terms)."""
+    (None: all), the input channels multiplied by ``in_scale`` (folded into the weight; per
+    sample, ``(N, C)``: multiplying ``x``) and the output by ``out_scale`` (folded into the BN
+    affine terms, or per sample, :func:`_bn`); ``bn_groups``: ghost batches of the BN."""
+    if in_scale is not None and in_scale.dim() == 2:
+        x, in_scale = x * in_scale.to(x.dtype)[:, :, None, None], None
     if out_idx is None and in_idx is None and in_scale is None:
         y = conv(x)
     else:
@@ -101,12 +129,13 @@ def conv_bn(x: torch.Tensor, conv: tnn.Conv2d, bn: tnn.BatchNorm2d, out_idx=None
         if in_scale is not None:
             w = w * in_scale.to(w.dtype)[None, :, None, None]
         y = F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-    if out_idx is None and out_scale is None:
+    if out_idx is None and out_scale is None and bn_groups == 1:
         return bn(y)
-    return _bn(bn, y, out_idx, out_scale)
+    return _bn(bn, y, out_idx, out_scale, bn_groups)
 
 
-def branch(x: torch.Tensor, layers, select=None, scales=None, out_scale=None) -> torch.Tensor:
+def branch(x: torch.Tensor, layers, select=None, scales=None, out_scale=None,
+           bn_groups: int = 1) -> torch.Tensor:
     """``bn_k(conv_k(... relu(bn_1(conv_1(x))) ...))`` over ``layers`` (``(conv, bn)`` pairs).
 
     ``select[i]``: the output channels of layer ``i`` computed (None: all; the last layer's
@@ -118,7 +147,7 @@ def branch(x: torch.Tensor, layers, select=None, scales=None, out_scale=None) ->
     for i, (conv, bn) in enumerate(layers):
         sel = None if select is None else select[i]
         last = i == k - 1
-        x = conv_bn(x, conv, bn, sel, prev, prev_scale, out_scale if last else None)
+        x = conv_bn(x, conv, bn, sel, prev, prev_scale, out_scale if last else None, bn_groups)
         if not last:
             x = F.relu(x, inplace=True)
             prev_scale = None if scales is None else scales[i]
@@ -127,17 +156,25 @@ def branch(x: torch.Tensor, layers, select=None, scales=None, out_scale=None) ->
 
 
 def block(x: torch.Tensor, shortcut, layers=(), *, select=None, scales=None, out_scale=None,
-          const: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+          const: torch.Tensor | None = None, index: torch.Tensor | None = None,
+          bn_groups: int = 1) -> torch.Tensor:
     """``relu(shortcut(x) + scatter_index(branch(x)))``.
 
     ``shortcut``: a module, or None for the identity.  The branch is the conv-BN chain of
     ``layers`` (:func:`branch`, with ``select``/``scales``/``out_scale``); without layers it is
     ``const`` (one value per written channel, broadcast over batch and space: a cut branch), or
     nothing at all (``relu(shortcut(x))``).  ``index``: the stream channels the branch writes
-    (None: all of them, a plain add; else ``index_add`` along channels)."""
-    out = x if shortcut is None else shortcut(x)
+    (None: all of them, a plain add; else ``index_add`` along channels).  ``bn_groups``: ghost
+    batches of every BN, the shortcut's (a ``(conv, bn)`` sequence) included."""
+    if shortcut is None:
+        out = x
+    elif bn_groups > 1 and isinstance(shortcut, tnn.Sequential) and len(shortcut) == 2 \
+            and isinstance(shortcut[1], tnn.modules.batchnorm._BatchNorm):
+        out = conv_bn(x, shortcut[0], shortcut[1], bn_groups=bn_groups)
+    else:
+        out = shortcut(x)
     if layers:
-        b = branch(x, layers, select, scales, out_scale)
+        b = branch(x, layers, select, scales, out_scale, bn_groups)
     elif const is not None:
         b = const.to(out.dtype)[None, :, None, None].expand(out.shape[0], -1, *out.shape[2:])
     else:
