@@ -20,8 +20,10 @@ pass (per mini-batch); in ``eval()`` the network is deterministic: every live ga
 its ``theta`` (mean field), which at ``theta`` in {0, 1} is the 0/1 network itself.  The final
 network is :meth:`GatedResNet.deterministic_masks` (``theta >= 0.5``; a kept block keeps at
 least its best unit), made exact by :meth:`GatedResNet.round_`.  A structure is **dead** once
-its ``theta`` reached 0: it is never computed again (dead units are sliced out of the
-convolutions and BNs, dead blocks skipped), so training gets faster as it prunes.  ``pinned``
+its ``theta`` reached 0 (with the ``batched`` estimator: once the evidence gathered at 0 says it
+is worth less than its price, :meth:`GatedResNet.step_theta`): it is never computed again (dead
+units are sliced out of the convolutions and BNs, dead blocks skipped), so training gets faster
+as it prunes.  ``pinned``
 units are a family's last live unit: the unit gates never remove it (``theta`` held at 1); only
 the block gate can.
 
