@@ -1,19 +1,12 @@
 """A planted problem for the variational pruner (DESIGN §6): recover a teacher's units and blocks.
 
-**Teacher.**  A one-stage CIFAR-style ResNet, ``ResNet(BasicBlock, (3,), (8,), "cifar", 4, 1,
-shortcut="A")`` on 1x8x8 Gaussian-noise images, with a planted structure: block ``layer1.0``
-keeps 3 of its 8 conv1 units, ``layer1.2`` keeps 2 (positions drawn per seed), block ``layer1.1``
-is removed (the rest zeroed by :func:`nn.models.apply_masks_`; a zeroed branch is the identity).
-Label-invariant rescalings make it well posed: the stream-writing BNs and the conv2 weights are
-multiplied by ``SIGNAL`` (``relu`` is positively homogeneous and bn2 normalises conv2, so only the
-logits scale), BN statistics are calibrated on the input distribution, the fc bias is balanced
-so the 4 classes are equally frequent, and only inputs whose teacher margin is in the top 20% of
-their class are used, with the logits scaled so those margins are >= 2 nats.  Every planted
-unit and block matters: removing any one flips >= 10% of the labels (checked).
+**The problem** (:mod:`nn.methods.variational.planted`, where it is built): a teacher ResNet
+with 3 + 2 live units and one removed block, its structures made to matter by label-invariant
+rescalings and confident inputs.  Every planted unit and block matters here: removing any one
+flips >= 10% of the labels (checked).
 
-**Student.**  The same architecture with every unit and block live: the teacher's weights, plus
-*distractors* at the standard initialisation (kaiming convs, BN gamma 1 / beta 0) in the 5 + 6
-unused units and in the whole branch of ``layer1.1``.  Distractors are ``SIGNAL`` times quieter
+**Student.**  The teacher's weights with *distractors* at the standard initialisation in the
+unused units and in the removed block.  Distractors are ``SIGNAL`` times quieter
 than the teacher's structures yet change 5-25% of the labels (checked), so the pruner has to
 find and remove them; magnitudes are not what is tested -- the pruner's decision is (gradient
 estimator, automatic per-structure cost, death at theta = 0, rounding, BN recalibration,
