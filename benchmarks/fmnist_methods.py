@@ -62,7 +62,8 @@ def report_of(out: Path) -> dict | None:
 
 
 def run(method: str, argv: list[str]) -> dict:
-    """Run (or resume, or just read) one pipeline; its log goes to ``<out>/benchmark.log``."""
+    """Run (or resume, or just read) one pipeline; its log goes to ``<out>.log`` beside the
+    run folder (the pipeline refuses a new folder that holds other files)."""
     out = Path(argv[argv.index("--out") + 1])
     rep = report_of(out)
     if rep is not None:
@@ -70,13 +71,14 @@ def run(method: str, argv: list[str]) -> dict:
         return rep
     if (out / "config.json").exists():
         argv = argv + ["--resume"]
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = out.parent / f"{out.name}.log"
     print(f"[{method}] {shlex.join(argv)}", flush=True)
     t0 = time.monotonic()
-    with open(out / "benchmark.log", "a", encoding="utf-8") as log:
+    with open(log_path, "a", encoding="utf-8") as log:
         rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, cwd=_common.REPO).returncode
     if rc != 0:
-        raise SystemExit(f"[{method}] exit status {rc}; see {out}/benchmark.log")
+        raise SystemExit(f"[{method}] exit status {rc}; see {log_path}")
     print(f"[{method}] finished in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
     return report_of(out)
 
