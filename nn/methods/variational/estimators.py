@@ -145,7 +145,8 @@ def flip_differences(gated, ce: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
 def batched_flips(gated, x: torch.Tensor, y: torch.Tensor):
     """``(gates, values, samples)``: the gates flipped this step (``flip_units`` unit and
     ``flip_blocks`` block gates, each kind taken in turn from its shuffled cycle over the live
-    unpinned gates, :meth:`GatedResNet.next_gates`), each one's ``CE(xi_s = 1) - CE(xi_s = 0)``
+    unpinned gates, :meth:`GatedResNet.next_gates`; up to half of the unit flips go to the
+    unit gates at theta = 0, whose death waits on evidence gathered there), each one's ``CE(xi_s = 1) - CE(xi_s = 0)``
     on the ghost batch, and the ghost batch's sample indices (``flip_samples`` of the batch
     ``(x, y)``, drawn at random).
 
@@ -160,8 +161,11 @@ def batched_flips(gated, x: torch.Tensor, y: torch.Tensor):
         raise RuntimeError("batched flips need the block inputs of this step's training forward")
     gated._inputs = None  # used once: do not hold the step's activations any longer
     free = (gated.alive & ~gated.pinned).cpu()
-    gates = gated.next_gates(free, "unit", gated.flip_units) + \
-        gated.next_gates(free, "block", gated.flip_blocks)
+    dormant = free & (gated.theta.cpu() <= 0)  # awaiting a verdict: half the unit flips
+    k = gated.flip_units
+    gates = gated.next_gates(dormant, "dormant", None if k is None else k // 2)
+    gates += gated.next_gates(free & ~dormant, "unit", None if k is None else k - len(gates))
+    gates += gated.next_gates(free, "block", gated.flip_blocks)
     dev = gated.theta.device
     if not gates:
         none = torch.zeros(0, dtype=torch.long)

@@ -59,8 +59,9 @@ AVERAGE_DECAY = 0.1
 """``batched``: a gate's average is the plain mean of its first ``1 / AVERAGE_DECAY`` flip
 differences, then an exponential moving average with this weight per visit (its effective
 count ``(2 - a) / a``, 19 visits): it forgets estimates made on weights long gone."""
-DEATH_VISITS = 8
-"""``batched``: a gate at theta = 0 may die only after this many flip differences."""
+DEATH_VISITS = 4
+"""``batched``: a gate at theta = 0 may die only after this many flip differences gathered
+there (half of each step's unit flips go to the unit gates at theta = 0, so they come fast)."""
 DEATH_Z = 2.0
 """``batched``: ... and only when its value plus this many standard errors is below its price."""
 
@@ -174,8 +175,8 @@ class GatedResNet(tnn.Module):
         self.register_buffer("est_sq", torch.zeros(n))
         self.register_buffer("est_n", torch.zeros(n))
         n_unit_gates = sum(g.size for g in gates if g.kind == "unit")
-        for kind, first, size in (("unit", 0, n_unit_gates), ("block", n_unit_gates,
-                                                              n - n_unit_gates)):
+        for kind, first, size in (("unit", 0, n_unit_gates), ("dormant", 0, n_unit_gates),
+                                  ("block", n_unit_gates, n - n_unit_gates)):
             self.register_buffer(f"{kind}_cycle", torch.arange(first, first + size))
             self.register_buffer(f"{kind}_pos", torch.tensor(size))  # at the end: shuffle
         if cost.latency and latency is None:
@@ -339,9 +340,10 @@ class GatedResNet(tnn.Module):
         return theta_gradient(self, ce, batch)
 
     def next_gates(self, free: torch.Tensor, kind: str, k: int | None) -> list[int]:
-        """The next ``k`` gates of kind ``kind`` (``unit`` or ``block``) in its shuffled cycle
-        that are ``free`` (a bool per gate; ``k`` None: all of them), a new shuffle
-        (``torch.randperm``) each time the cycle ends; at most once each per call."""
+        """The next ``k`` gates of cycle ``kind`` (``unit``, ``dormant``: the unit gates again,
+        for those at theta = 0, or ``block``) that are ``free`` (a bool per gate; ``k`` None:
+        all of them), a new shuffle (``torch.randperm``) each time the cycle ends; at most once
+        each per call."""
         cycle, pos = getattr(self, f"{kind}_cycle"), int(getattr(self, f"{kind}_pos"))
         n_free = int(free[cycle.cpu()].sum()) if len(cycle) else 0
         k = n_free if k is None else min(k, n_free)
