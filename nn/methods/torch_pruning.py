@@ -31,15 +31,13 @@ costs the result: our compressed model counted (:func:`nn.complexity.count_macs`
 widths (:func:`nn.budget_latency.latency_terms`, the same table and dense reference as our own
 budgeted selection; Torch-Pruning removes no blocks, so ``--remove-blocks`` is refused).  The
 smallest ``k`` whose cost is at most the target (``--mac-target``, or ``--budget macs=F`` /
-``params=F`` / ``latency=F``) is found by a scan in ``total / 32`` steps, then bisection to one
-channel: the channels removed grow with ``k`` until the library would empty a layer, which it
-then leaves whole instead, so the count jumps back up near ``k = total`` (a bisection from the
-full ratio would start there).  Where the scan sees fewer channels removed than at its last
-step, it looks at every ``k`` since then.  (A count falls as channels go; a latency from the
-table mostly does, but its measured entries may be a little out of order: the bisection then
-still ends on a ``k`` that meets the budget with ``k - 1`` over it.)  The final masks go through our :func:`nn.models.compress`; the
-model Torch-Pruning pruned and ours must give the same logits on a batch (max abs difference
-at most :data:`LOGITS_TOL`, recorded), else the run stops.
+``params=F`` / ``latency=F``) is found by a scan in ``total / 32`` steps, then channel by
+channel from the last scan point over it: the library leaves a layer whole rather than empty it,
+so the count is not monotone in ``k`` (it jumps back up where a layer is kept whole, then falls
+again as other layers go), and a measured latency table may be a little out of order too; a
+bisection could end in the wrong stretch.  The final masks go through our
+:func:`nn.models.compress`; the model Torch-Pruning pruned and ours must give the same logits on
+a batch (max abs difference at most :data:`LOGITS_TOL`, recorded), else the run stops.
 
 One concept: the adapter between Torch-Pruning and the pipeline (its pruners, the search of
 its pruning ratio, the mapping of its channels onto our families and the logits check).
@@ -285,21 +283,16 @@ class _TorchPruning(Method):
 
         step = max(1, -(-total // SCAN_STEPS))
         grid = [k for k in range(step, total, step)] + ([total - 1] if total > 1 else [])
-        with run.progress(len(grid) + 8, f"selection: Torch-Pruning global ratio to {kind} <= "
+        with run.progress(len(grid) + step, f"selection: Torch-Pruning global ratio to {kind} <= "
                                          f"{limit:.6g}, scan of {total} channels in steps of "
-                                         f"{step}, then bisection") as bar:
+                                         f"{step}, then channel by channel") as bar:
             lo, hi = 0, None
             if trial(0)[2] <= limit:
                 hi = 0
             else:
-                for k in sorted(set(grid)):
-                    if trial(k)[2] <= limit:
+                for k in sorted(set(grid)):  # the whole scan: a layer left whole (fewer
+                    if trial(k)[2] <= limit:  # channels removed) is no end, later k prune on
                         hi = k
-                        break
-                    if trials[k]["removed"] < trials[lo]["removed"]:  # a layer left whole:
-                        # the feasible range, if any, lies between; look at every k there
-                        hi = next((j for j in range(lo + 1, k) if trial(j)[2] <= limit), None)
-                        lo = hi - 1 if hi is not None else lo
                         break
                     lo = k
                 if hi is None:
@@ -308,14 +301,13 @@ class _TorchPruning(Method):
                         f"method {self.name}: Torch-Pruning's global pruning cannot bring {kind} "
                         f"to {limit:.6g}; the least it reached is {best['value']:.6g} "
                         f"({best['value'] / dense_cost:.3f} of dense) at pruning ratio "
-                        f"{best['ratio']:.4f} (it leaves a layer whole rather than empty it): "
-                        f"raise the target")
-                while hi - lo > 1:  # invariant: value(lo) > limit >= value(hi)
-                    mid = (lo + hi) // 2
-                    if trial(mid)[2] <= limit:
-                        hi = mid
-                    else:
-                        lo = mid
+                        f"{best['ratio']:.4f} over a scan of every {step} of {total} channels "
+                        f"(it leaves a layer whole rather than empty it): raise the target")
+                # the first k past the last infeasible scan point that meets it, one by one
+                hi = next(j for j in range(lo + 1, hi + 1) if trial(j)[2] <= limit)
+                lo = hi - 1
+                if lo not in trials:
+                    trial(lo)
             tp_model, masks, value = trial(hi)
         ours = compress(model, masks)
         diff = self._logits_difference(run, tp_model, ours)
