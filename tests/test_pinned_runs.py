@@ -24,7 +24,9 @@ PINS = json.loads((Path(__file__).parent / "data" / "pinned_runs.json").read_tex
 SYN = {"n_train": 192, "n_test": 96, "image_size": 8, "num_classes": 4}
 METHOD = {  # what each pinned run set beyond the shared configuration
     "spr": {"lam": 4.0}, "bigm": {"lam": 1.0}, "slimming": {"lam": 1e-3},
-    "variational": {"lam": 3.0, "options": {"theta_lr": 0.05, "gate_warmup_epochs": 0.5}},
+    # the estimator of the pinned code (the default since is "batched")
+    "variational": {"lam": 3.0, "options": {"theta_lr": 0.05, "gate_warmup_epochs": 0.5,
+                                            "estimator": "flip"}},
     "l1-filter": {}, "dense": {},
 }
 
