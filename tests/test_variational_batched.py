@@ -90,8 +90,11 @@ def test_batched_flips_are_ghost_batch_differences():
     with torch.no_grad():
         gated(x)
         inputs, xi = list(gated._inputs), gated._xi.clone()
+        stats = [b.clone() for n, b in gated.net.named_buffers() if "running" in n]
         gates, values, samples = batched_flips(gated, x, y)
     assert gated._inputs is None  # the saved activations are released
+    assert all(torch.equal(a, b) for a, b in  # BN running statistics untouched
+               zip(stats, [b for n, b in gated.net.named_buffers() if "running" in n]))
     assert sorted(gates.tolist()) == list(range(len(gated.theta)))
     assert len(samples) == 5 and len(set(samples.tolist())) == 5
     for m in bns(gated.net):
