@@ -26,24 +26,21 @@ from benchmarks import _common
 from benchmarks.fmnist_methods import run
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        out = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-    if not out or any(v < 0 for v in out):
-        raise argparse.ArgumentTypeError(f"expected numbers >= 0, got {text!r}")
-    return out
+def _numbers(kind, lo):
+    """An argparse type: comma-separated ``kind`` values, at least one, each >= ``lo``."""
+    def parse(text: str) -> list:
+        try:
+            out = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            out = []
+        if not out or any(v < lo for v in out):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s >= "
+                                             f"{lo}, got {text!r}")
+        return out
+    return parse
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        out = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not out or any(v < 1 for v in out):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return out
+_floats, _ints = _numbers(float, 0), _numbers(int, 1)
 
 
 def command(gamma: float, args) -> list[str]:
