@@ -304,10 +304,8 @@ class _TorchPruning(Method):
                         f"{best['ratio']:.4f} over a scan of every {step} of {total} channels "
                         f"(it leaves a layer whole rather than empty it): raise the target")
                 # the first k past the last infeasible scan point that meets it, one by one
+                # (every k below it since lo is then tried: value_previous is among them)
                 hi = next(j for j in range(lo + 1, hi + 1) if trial(j)[2] <= limit)
-                lo = hi - 1
-                if lo not in trials:
-                    trial(lo)
             tp_model, masks, value = trial(hi)
         ours = compress(model, masks)
         diff = self._logits_difference(run, tp_model, ours)
