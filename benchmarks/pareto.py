@@ -9,9 +9,10 @@ Every pruning method is taken to every stated budget of ``--macs`` (``--budget m
 methods that remove no blocks, the Torch-Pruning ones, whose ``round_to`` is the granularity) for
 every seed of ``--seeds``.
 
-**One training per method and seed.**  No method's training depends on the budget (with the
-default ``--cost``), so the first budget of a (method, seed) runs the whole pipeline and every
-other budget starts from its trained network: its ``train/`` stage copied into the budget's run
+**One training per method and seed.**  Most methods' training does not depend on the budget
+(with the default ``--cost``), so the first budget of a (method, seed) runs the whole pipeline
+and every other budget starts from its trained network (``variational``, whose price of size
+follows the budget, trains once per budget): its ``train/`` stage copied into the budget's run
 folder with a ``config.json`` of the budget's command (the pipeline then resumes at the
 selection; ``branch.json`` names the source).  Methods with plain training (they do not override
 :meth:`nn.methods.Method.training`: ``random``, ``l1-filter``, ``tp-magnitude``) share one
@@ -281,12 +282,16 @@ def _run(out: Path, argv: list[str], cfg, source: Path | None) -> dict:
     return res | {"status": "failed", "error": f"exit status {rc}: {lines[-1]} (see {log})"}
 
 
-def _train_key(method: str) -> str:
-    """Methods with the same key train the same network: those with plain training share one."""
+def _train_key(p: Point) -> str:
+    """Points with the same key (and seed, threads) train the same network: methods with
+    plain training share one; a method whose training follows the budget trains per budget."""
     from nn.methods import Method, get_method
 
-    plain = method != "dense" and type(get_method(method)).training is Method.training
-    return "plain" if plain else method
+    method = get_method(p.method)
+    if method.trains_to_budget and p.kind is not None:
+        return f"{p.method} {p.budget}"
+    plain = p.method != "dense" and type(method).training is Method.training
+    return "plain" if plain else p.method
 
 
 def run_points(points: list[Point], args) -> dict[Point, dict]:
@@ -308,7 +313,7 @@ def run_points(points: list[Point], args) -> dict[Point, dict]:
         print(f"[{k[0]}/{n}] {p.label(args.threads)}: {what}", flush=True)
         outcome[p] = res
 
-    group = {p: (_train_key(p.method), p.seed, p.threads) for p in points}
+    group = {p: (_train_key(p), p.seed, p.threads) for p in points}
     for p in points:
         out, table = p.folder(args.runs), None
         finished = (out / "report.json").exists()

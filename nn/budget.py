@@ -35,7 +35,7 @@ from nn.cost import TensorCost, tensor_costs
 
 __all__ = ["Budget", "BUDGET_KINDS", "candidate_widths", "carriers",
            "count_terms", "build_problem", "widths_to_masks", "total", "check_reachable",
-           "select_to_budget"]
+           "BudgetCost", "budget_cost", "select_to_budget"]
 
 BUDGET_KINDS = ("macs", "params", "latency")
 
@@ -263,9 +263,32 @@ def check_reachable(run) -> None:
         raise _unreachable(budget, limit, floor, dense_cost)
 
 
-def select_to_budget(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """Masks and the selection record of a budgeted selection on ``run``
-    (:class:`nn.methods.Run`) from ``method``'s ``scores`` (module docstring)."""
+@dataclass
+class BudgetCost:
+    """A run's stated budget as a cost over its pruned families' widths (module docstring):
+    ``terms`` and ``constant`` (what :func:`build_problem` reads), ``dense_cost`` (the dense
+    network's; for latency, the measured dense latency where the table has it) and ``limit``
+    (the budget in the cost's unit).  ``cost(widths)`` prices any widths (a carrier at 0: its
+    block removed)."""
+
+    budget: Budget
+    families: list
+    sizes: dict
+    block_carriers: dict
+    inside: dict
+    terms: list
+    constant: float
+    dense_cost: float
+    limit: float
+    table_info: dict | None = None
+
+    def cost(self, widths: dict[str, int] | None = None) -> float:
+        return total(self.terms, self.sizes, widths) + self.constant
+
+
+def budget_cost(run) -> BudgetCost:
+    """The :class:`BudgetCost` of ``run``'s ``--budget`` (its table read, or measured and
+    cached, for latency)."""
     cfg = run.config.selection
     budget = Budget.parse(cfg.budget)
     fams = list(run.pruned)
@@ -283,7 +306,18 @@ def select_to_budget(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict
     dense_cost = total(terms, sizes) + constant
     if table_info and table_info.get("dense_measured_ms"):  # latency: a share of the measured
         dense_cost = table_info["dense_measured_ms"]
-    limit = budget.absolute(dense_cost)
+    return BudgetCost(budget, fams, sizes, block_carriers, inside, terms, constant, dense_cost,
+                      budget.absolute(dense_cost), table_info)
+
+
+def select_to_budget(run, method, scores: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Masks and the selection record of a budgeted selection on ``run``
+    (:class:`nn.methods.Run`) from ``method``'s ``scores`` (module docstring)."""
+    cfg = run.config.selection
+    bc = budget_cost(run)
+    budget, fams, sizes, block_carriers = bc.budget, bc.families, bc.sizes, bc.block_carriers
+    inside, terms, constant, dense_cost = bc.inside, bc.terms, bc.constant, bc.dense_cost
+    limit, table_info = bc.limit, bc.table_info
     problem = build_problem(fams, scores, terms, limit, constant, cfg.granularity,
                             block_carriers, inside)
     from nn.config import ConfigError

@@ -79,7 +79,7 @@ def test_planted_problem_is_well_posed():
 def test_pruner_recovers_the_planted_units_and_blocks(seed):
     cfg = VariationalOptions()
     assert (cfg.estimator, cfg.flip_units, cfg.flip_blocks, cfg.flip_samples) == \
-        ("batched", 4, 2, 12)  # the default
+        ("batched", 4, 2, 8)  # the default
     res = run(seed)
     assert res["recovered"], res
     assert res["agreement"] >= 0.97 and res["wrong"] == []

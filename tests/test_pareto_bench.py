@@ -111,3 +111,19 @@ def test_tiny_pareto_writes_consistent_results_and_resumes(tmp_path):
     assert bad["test_acc"] is None and "cannot be met" in bad["error"]
     agg = next(a for a in third["aggregates"] if a["budget"] == "latency=0.01")
     assert agg["seeds"] == 0 and agg["unsupported"] == 1 and agg["test_acc_mean"] is None
+
+
+def test_training_shared_only_where_the_budget_does_not_shape_it():
+    """Plain-training methods share one training per seed, a method with its own training
+    shares it across budgets, and the variational pruner (its price follows the budget)
+    trains once per budget."""
+    from benchmarks.pareto import Point, _train_key
+
+    def key(method, kind="macs", value=0.5):
+        return _train_key(Point(method, kind, value, 0, 1))
+
+    assert key("l1-filter") == key("random") == key("tp-magnitude") == "plain"
+    assert key("spr", "macs", 0.5) == key("spr", "latency", 0.3) == "spr"
+    assert key("dense", None, None) == "dense"
+    assert key("variational", "macs", 0.5) != key("variational", "macs", 0.3)
+    assert key("variational", "macs", 0.5) != key("variational", "latency", 0.5)

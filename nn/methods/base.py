@@ -92,6 +92,7 @@ class Method:
     ``score``     the name of its score (reported with the selection)
     ``per_layer`` whether its removal order is per layer (else global)
     ``removes_blocks`` whether it can take ``--remove-blocks`` (remove whole residual blocks)
+    ``trains_to_budget`` whether ``--budget`` changes its training (not only its selection)
     """
 
     name: str = ""
@@ -104,6 +105,7 @@ class Method:
     score: str = ""
     per_layer: bool = False
     removes_blocks: bool = True
+    trains_to_budget: bool = False
 
     def make_options(self, given):
         """The method's options from a dict, an instance or None (defaults); ``ValueError``

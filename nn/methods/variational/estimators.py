@@ -58,7 +58,7 @@ __all__ = ["ESTIMATORS", "DEFAULT_ESTIMATOR", "DEFAULT_FLIP_UNITS", "DEFAULT_FLI
 
 ESTIMATORS = ("st", "reinforce", "flip", "batched")
 DEFAULT_ESTIMATOR, DEFAULT_FLIP_UNITS, DEFAULT_FLIP_BLOCKS = "batched", 4, 2
-DEFAULT_FLIP_SAMPLES = 12
+DEFAULT_FLIP_SAMPLES = 8
 
 
 def multipliers(estimator: str, xi: torch.Tensor, leaf: torch.Tensor, alive: torch.Tensor):
@@ -152,9 +152,10 @@ def batched_flips(gated, x: torch.Tensor, y: torch.Tensor):
 
     One train-mode pass, no grad, BN running statistics untouched: group 0 is the ghost batch
     with the step's gate pattern, group ``j + 1`` the same samples with gate ``gates[j]``
-    flipped, each group normalised by its own statistics (``bn_groups``).  Group 0 starts at the
-    earliest flipped gate's block from the saved block input; a flipped gate's group joins at
-    its own block as a copy of group 0 there, so the two share everything before the flip."""
+    flipped, each group normalised by its own statistics (``bn_groups``; the groups interleaved,
+    row ``i G + j`` is sample ``i`` of group ``j``).  Group 0 starts at the earliest flipped
+    gate's block from the saved block input; a flipped gate's group joins at its own block as a
+    copy of group 0 there, so the two share everything before the flip."""
     xi, inputs = gated._xi, gated._inputs
     nb = len(gated.layout.blocks)
     if inputs is None or len(inputs) != nb:
@@ -178,31 +179,34 @@ def batched_flips(gated, x: torch.Tensor, y: torch.Tensor):
     g_dev = torch.tensor(gates, dtype=torch.long, device=dev)
     base = xi.to(gated.theta.dtype)
     groups = 1 + len(gates)
-    rows = base.expand(groups, m, -1).clone()
-    rows[torch.arange(1, groups, device=dev), :, g_dev] = (1 - base[g_dev])[:, None]
-    rows = rows.reshape(groups * m, -1)
+    rows = base.expand(m, groups, -1).clone()  # (sample, group, gate)
+    rows[:, torch.arange(1, groups, device=dev), g_dev] = 1 - base[g_dev]
     on = xi.tolist()
     blocks = [g.start for g in gated.gates if g.kind == "block"]
     idx = gated._indices()
     xs, used = x[samples.to(x.device)], 1
     if pos[0] < 0:  # stem gates: their groups and group 0 start at the input
         used += sum(p < 0 for p in pos)
-        h = gated._stem(xs.repeat(used, 1, 1, 1), rows[:used * m], bn_groups=used)
+        h = gated._stem(xs.repeat_interleave(used, 0), rows[:, :used].reshape(m * used, -1),
+                        bn_groups=used)
     else:
         h = inputs[pos[0]].detach()[samples.to(x.device)]
     for p in range(max(pos[0], 0), nb):
         k = sum(q == p for q in pos)
-        if k:
-            h = torch.cat([h, h[:m].repeat(k, 1, 1, 1)])
+        if k:  # k more groups, copies of group 0 here
+            h = h.reshape(m, used, *h.shape[1:])
+            h = torch.cat([h, h[:, :1].expand(m, k, *h.shape[2:])], 1).flatten(0, 1)
             used += k
         compute = list(on)
-        live = rows[:used * m].bool().any(0).tolist()
+        mult = rows[:, :used].reshape(m * used, -1)
+        live = mult.bool().any(0).tolist()
         for b in blocks:
             compute[b] = live[b]
-        h = gated._block(p, h, rows[:used * m], compute, idx, bn_groups=used)
+        h = gated._block(p, h, mult, compute, idx, bn_groups=used)
     logits = fwd.head(gated.net, h).float()
-    ce = F.cross_entropy(logits, y[samples.to(y.device)].repeat(groups), reduction="none")
-    ce = ce.reshape(groups, m).mean(1)
+    ce = F.cross_entropy(logits, y[samples.to(y.device)].repeat_interleave(groups),
+                         reduction="none")
+    ce = ce.reshape(m, groups).mean(0)
     d = ce[1:] - ce[0]  # flipped - as sampled
     return g_dev, torch.where(base[g_dev] > 0, -d, d).to(gated.theta.dtype), samples
 

@@ -127,7 +127,7 @@ class GatedResNet(tnn.Module):
         self.flip_units, self.flip_blocks = flip_units, flip_blocks
         self.flip_samples = flip_samples
         self.net = net
-        self.lam, self.cost_config = float(lam), cost
+        self.cost_config = cost
         self.estimator, self.baseline_decay = estimator, float(baseline_decay)
         self.group = group
         self.input_size = tuple(input_size)
@@ -168,6 +168,9 @@ class GatedResNet(tnn.Module):
         self.register_buffer("baseline", torch.zeros(()))
         self.register_buffer("baseline_set", torch.zeros((), dtype=torch.bool))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        # the price of size: fixed, or moved by a stated budget (.budget); a buffer, so
+        # --resume continues with the price reached
+        self.register_buffer("lam_now", torch.tensor(float(lam), dtype=torch.float64))
         # batched: every gate's running average of CE(on) - CE(off), of its square, its
         # visits; per gate kind, a shuffled cycle of its gates and the position in it
         # (buffers: --resume continues)
@@ -204,6 +207,11 @@ class GatedResNet(tnn.Module):
         self._cache = None    # (alive bytes, {family: index tensor or None})
         self._inputs = None   # flip: the block inputs of this step's forward
 
+    @property
+    def lam(self) -> float:
+        """The price of size now (``lam_now``)."""
+        return float(self.lam_now)
+
     # ---------------------------------------------------------------- the exact expected cost
     def expected(self, theta: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``macs``, ``params``, ``blocks``: exact expectations under independent gates with
@@ -227,12 +235,12 @@ class GatedResNet(tnn.Module):
         """``lam * R`` of this step's theta (differentiable through the step's leaf): the
         ``extra_loss`` of :func:`nn.training.train`.  Float32 on theta's device."""
         th = self._leaf if (self._leaf is not None and self.training) else self.theta
-        return (self.lam * self.cost(th * self.alive)).float()
+        return (self.lam_now * self.cost(th * self.alive)).float()
 
     def marginal_costs(self) -> torch.Tensor:
         """``lam * dR/dtheta_s`` at the current theta: the automatic regularisation weight of
         every gate (0 for dead ones)."""
-        g = C.marginal(lambda th: self.lam * self.cost(th), self.theta * self.alive)
+        g = C.marginal(lambda th: self.lam_now * self.cost(th), self.theta * self.alive)
         return g.float() * self.alive
 
     # ---------------------------------------------------------------- masks

@@ -21,6 +21,7 @@ from nn.methods.base import Method, Training
 from nn.methods.variational.estimators import (DEFAULT_ESTIMATOR, DEFAULT_FLIP_BLOCKS,
                                                DEFAULT_FLIP_SAMPLES, DEFAULT_FLIP_UNITS,
                                                ESTIMATORS)
+from nn.methods.variational.budget import BudgetTracker
 from nn.methods.variational.gated import GatedResNet
 
 __all__ = ["Variational", "VariationalOptions", "hooks", "recalibrate_bn"]
@@ -35,7 +36,11 @@ class VariationalOptions:
     ``flip_blocks``: live unit and block gates flipped per step by ``flip`` and ``batched``
     (None: all); ``flip_samples``: the ghost batch ``batched`` flips them on;
     ``group``: consecutive units of a family under one gate, sampled, scored and kept together
-    (pair it with ``--granularity``; every unit family's size must be a multiple)."""
+    (pair it with ``--granularity``; every unit family's size must be a multiple);
+    ``budget_gain``: with a stated ``--budget``, ``lam`` becomes the budget's multiplier and
+    moves by this log-step per step and unit of relative excess (:mod:`.budget`; 0: ``lam``
+    stays fixed and the selection alone meets the budget); ``budget_ramp``: the share of the
+    training after the warm-up over which its limit glides from dense to the budget."""
 
     theta_lr: float = 0.005
     estimator: str = DEFAULT_ESTIMATOR
@@ -46,6 +51,8 @@ class VariationalOptions:
     flip_blocks: int | None = DEFAULT_FLIP_BLOCKS
     group: int = 1
     flip_samples: int = DEFAULT_FLIP_SAMPLES
+    budget_gain: float = 0.02
+    budget_ramp: float = 0.5
 
     def __post_init__(self):
         number("theta_lr", self.theta_lr, 0, open_lo=True)
@@ -55,15 +62,18 @@ class VariationalOptions:
         optional_count("flip_blocks", self.flip_blocks)
         integer("group", self.group, 1)
         integer("flip_samples", self.flip_samples, 1)
+        number("budget_gain", self.budget_gain, 0)
+        number("budget_ramp", self.budget_ramp, 0, 1)
         if not isinstance(self.precondition, bool):
             raise ValueError(f"precondition must be a bool, got {self.precondition!r}")
         choice("estimator", self.estimator, ESTIMATORS)
 
 
-def hooks(gated: GatedResNet, options: VariationalOptions, steps_per_epoch: int) -> dict:
-    """``extra_loss``, ``after_backward`` and ``epoch_metrics`` for :func:`nn.training.train`.
-    The step counter lives in the gated module (a buffer), so a resumed run keeps its
-    warm-up position."""
+def hooks(gated: GatedResNet, options: VariationalOptions, steps_per_epoch: int,
+          tracker: BudgetTracker | None = None) -> dict:
+    """``extra_loss``, ``after_backward`` and ``epoch_metrics`` for :func:`nn.training.train`;
+    ``tracker`` moves ``lam`` after every theta step.  The step counter lives in the gated
+    module (a buffer), so a resumed run keeps its warm-up position."""
     warmup = round(options.gate_warmup_epochs * steps_per_epoch)
     counts = {"died": 0}
 
@@ -71,6 +81,8 @@ def hooks(gated: GatedResNet, options: VariationalOptions, steps_per_epoch: int)
         if int(m.steps) >= warmup:  # no estimate during the warm-up (flip costs forward passes)
             g = m.theta_gradient(ce, None if x is None else (x, y))
             counts["died"] += m.step_theta(g, options.theta_lr, options.precondition)
+            if tracker is not None:
+                tracker.step(int(m.steps) - warmup)
         m.steps += 1
 
     def epoch_metrics(m: GatedResNet, epoch: int) -> dict:
@@ -81,11 +93,16 @@ def hooks(gated: GatedResNet, options: VariationalOptions, steps_per_epoch: int)
         out["gates_died"] = counts["died"]
         counts["died"] = 0
         out["theta"] = m.theta_by_family()
+        out["gates_lam"] = m.lam
+        budget = ""
+        if tracker is not None:
+            out["gates_budget_ratio"] = tracker.ratio()
+            budget = f"; lam {m.lam:.3g}, budget cost {out['gates_budget_ratio']:.3f} of it"
         out[LOG_KEY] = (f"live MACs {st['live_macs'] / 1e6:.2f}M "
                         f"({st['live_macs'] / m.dense_macs:.3f}), deterministic "
                         f"{st['det_macs'] / 1e6:.2f}M ({st['det_macs'] / m.dense_macs:.3f}); "
                         f"units {st['units_alive']}/{m.n_units * m.group}, blocks "
-                        f"{st['blocks_alive']}/{m.n_blocks}, died {out['gates_died']}")
+                        f"{st['blocks_alive']}/{m.n_blocks}, died {out['gates_died']}{budget}")
         return out
 
     return dict(extra_loss=lambda m: m.penalty(), after_backward=after_backward,
@@ -127,6 +144,7 @@ class Variational(Method):
     options = VariationalOptions
     rule = None
     uses_cost = True
+    trains_to_budget = True  # lam follows the budget (.budget)
 
     def check(self, config):
         if config.selection.budget and config.method.structures != ("filter",):
@@ -161,7 +179,16 @@ class Variational(Method):
                             flip_units=o.flip_units, flip_blocks=o.flip_blocks,
                             latency=latency, group=o.group,
                             flip_samples=o.flip_samples).to(run.device)
-        return Training(gated, hooks(gated, o, run.steps_per_epoch), gated)
+        tracker = None
+        if run.config.selection.budget and o.budget_gain > 0:
+            from nn.budget import budget_cost
+
+            steps = run.config.optim.epochs * run.steps_per_epoch
+            warmup = round(o.gate_warmup_epochs * run.steps_per_epoch)
+            tracker = BudgetTracker(gated, budget_cost(run), o.budget_gain,
+                                    run.config.selection.granularity,
+                                    ramp=round(o.budget_ramp * max(0, steps - warmup)))
+        return Training(gated, hooks(gated, o, run.steps_per_epoch, tracker), gated)
 
     def score_name(self, run):
         return "theta"
@@ -225,6 +252,8 @@ class Variational(Method):
         return {"penalty": "variational", "lam": m.lam, "cost": m.cost.to_dict(),
                 "theta_lr": o.theta_lr, "estimator": o.estimator, "flip_units": o.flip_units,
                 "flip_blocks": o.flip_blocks, "flip_samples": o.flip_samples,
+                "budget_gain": o.budget_gain if run.config.selection.budget else None,
+                "budget_ramp": o.budget_ramp if run.config.selection.budget else None,
                 "warmup_epochs": o.gate_warmup_epochs,
                 "theta_init": o.theta_init, "group": o.group,
                 "R": "macs E[MACs]/MACs0 + params E[params]/params0 + blocks E[blocks]/B "

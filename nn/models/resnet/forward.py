@@ -21,9 +21,12 @@ see the dense network's layers.
 Per-sample multipliers (a 2-D ``(batch, channels)`` scale, or ``(batch, 1)`` for a block's
 output) cannot be folded into shared weights: they multiply the activations instead, at the
 same place (the conv's input, the last BN's output), which is the same function.  With
-``bn_groups`` G > 1 the batch is G equal-sized ghost batches, each normalised in training by its
-own statistics (running statistics untouched), as if each had been a forward of its own: the
-variational pruner's batched flips evaluate G gate patterns in one pass this way.
+``bn_groups`` G > 1 the batch is G equal-sized ghost batches, **interleaved**: row ``i G + g`` is
+sample ``i`` of batch ``g``.  Each is normalised in training by its own statistics (running
+statistics untouched), as if each had been a forward of its own: the variational pruner's
+batched flips evaluate G gate patterns in one pass this way.  Interleaved, the batch is a free
+view ``(N / G, G C, H, W)`` in which every (batch, channel) pair is a channel of its own, so one
+fused ``batch_norm`` normalises all of them (a third of the time of separate reductions).
 """
 
 from __future__ import annotations
@@ -80,8 +83,9 @@ def _bn(bn: tnn.BatchNorm2d, x: torch.Tensor, idx: torch.Tensor | None,
     (per channel or a scalar, folded into the affine terms; per sample, ``(N, 1)`` or ``(N,
     C)``: multiplying the output; None: 1).  In training the running statistics (of ``x``,
     unscaled) of those channels are updated exactly as the full BN would update them; with
-    ``groups`` > 1, each of the ``groups`` equal slices of the batch is normalised by its own
-    (biased) statistics, ``(x - mean_g) / sqrt(var_g + eps)``, and nothing is updated."""
+    ``groups`` > 1, each of the ``groups`` interleaved ghost batches (rows ``g, g + groups,
+    ...``) is normalised by its own (biased) statistics, ``(x - mean_g) / sqrt(var_g + eps)``,
+    and nothing is updated."""
     if scale is not None and scale.dim() == 2:
         return _bn(bn, x, idx, None, groups) * scale.to(x.dtype)[:, :, None, None]
     w, b, rm, rv = bn.weight, bn.bias, bn.running_mean, bn.running_var
@@ -92,12 +96,11 @@ def _bn(bn: tnn.BatchNorm2d, x: torch.Tensor, idx: torch.Tensor | None,
         w, b = w * scale, b * scale
     if not bn.training:
         return F.batch_norm(x, rm, rv, w, b, False, 0.0, bn.eps)
-    if groups > 1:
-        xg = x.reshape(groups, -1, *x.shape[1:])
-        var, mean = torch.var_mean(xg, dim=(1, 3, 4), correction=0, keepdim=True)
-        scale_ = w[None, None, :, None, None] * torch.rsqrt(var + bn.eps)
-        return torch.addcmul(b[None, None, :, None, None] - mean * scale_, xg,
-                             scale_).reshape(x.shape)
+    if groups > 1:  # interleaved: (N / G, G C, ...) has one channel per (batch, channel)
+        n, c = x.shape[:2]
+        out = F.batch_norm(x.reshape(n // groups, groups * c, *x.shape[2:]), None, None,
+                           w.repeat(groups), b.repeat(groups), True, 0.0, bn.eps)
+        return out.reshape(x.shape)
     with torch.no_grad():
         bn.num_batches_tracked.add_(1)
     momentum = bn.momentum if bn.momentum is not None else \
