@@ -144,3 +144,21 @@ def test_budgeted_run_moves_lam(tmp_path, gain):
     else:
         assert "gates_budget_ratio" not in hist[-1]
         assert lams == [0.5] * len(hist)
+
+
+def test_cli_budget_gain_and_ramp(capsys):
+    from nn.cli import build_parser, config_from_args
+
+    def cfg(*argv):
+        return config_from_args(build_parser().parse_args(["train", *argv]))
+
+    o = cfg("--method", "variational").method.options
+    assert (o.budget_gain, o.budget_ramp) == (0.02, 0.5)
+    o = cfg("--method", "variational", "--budget-gain", "0", "--budget-ramp", "0.25",
+            "--budget", "macs=0.4").method.options
+    assert (o.budget_gain, o.budget_ramp) == (0.0, 0.25)
+    with pytest.raises(SystemExit):
+        cfg("--method", "variational", "--budget-ramp", "1.5")
+    assert "--budget-ramp" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--budget-gain is an option of variational"):
+        cfg("--method", "spr", "--budget-gain", "0.1")
