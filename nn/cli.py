@@ -176,12 +176,13 @@ OPTIONS = {
                      help="unit gates flipped per step, or 'all'")),
     "--flip-blocks": ("options", "flip_blocks", dict(type=_count_or_all("--flip-blocks"),
                       help="block gates flipped per step, or 'all'")),
-    "--budget-gain": ("options", "budget_gain", dict(
-        type=argtype("--budget-gain", float, 0), help="variational with --budget: lam follows "
-        "the budget as its multiplier, this log-step per step (0: lam fixed)")),
+    "--budget-lam": ("options", "budget_lam", dict(
+        choices=("project", "fixed"), help="variational with --budget: project (lam is the "
+        "budget's multiplier, each theta step kept within it) or fixed (--lam; the selection "
+        "alone meets the budget)")),
     "--budget-ramp": ("options", "budget_ramp", dict(
         type=argtype("--budget-ramp", float, 0, hi=1), help="variational with --budget: share "
-        "of the training after the warm-up over which lam's limit glides to the budget")),
+        "of the training after the warm-up over which its limit glides to the budget")),
     "--gate-warmup-epochs": ("options", "gate_warmup_epochs", dict(
         type=argtype("--gate-warmup-epochs", float, 0), help="epochs before theta moves")),
     "--theta-init": ("options", "theta_init", dict(type=argtype("--theta-init", float, 0, True,

@@ -1,9 +1,9 @@
 """A stated budget in the variational training (nn.methods.variational.budget): lam as the
-budget's multiplier.  The expected widths it prices, the ratio against the selection's own
-cost, the multiplicative dual step, and a budgeted run end to end (lam moved and recorded;
-``--budget-gain 0`` leaves it fixed).  Toy networks, 1 thread."""
+budget's multiplier, step by step.  The expected widths it prices, the ratio against the
+selection's own cost, the least multiplier whose theta step fits, the ramp, and a budgeted run
+end to end (lam set and recorded; ``--budget-lam fixed`` leaves it at ``--lam``).  Toy
+networks, 1 thread."""
 
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOY = (1, 6, 6)
 
 
-def setup(budget="macs=0.5", gain=0.1, granularity=1, remove_blocks=True):
+def setup(budget="macs=0.5", granularity=1, remove_blocks=True):
     """A gated two-stage ResNet (unit families of 4, 4, 8, 8; 3 removable blocks), the run
     view ``budget_cost`` reads, and its tracker."""
     torch.manual_seed(0)
@@ -36,7 +36,7 @@ def setup(budget="macs=0.5", gain=0.1, granularity=1, remove_blocks=True):
         config=SimpleNamespace(selection=SimpleNamespace(
             budget=budget, remove_blocks=remove_blocks, granularity=granularity)))
     gated = GatedResNet(net, TOY, lam=2.0)
-    return gated, BudgetTracker(gated, budget_cost(run), gain, granularity), run
+    return gated, BudgetTracker(gated, budget_cost(run), granularity), run
 
 
 def set_theta_(gated, values: dict):
@@ -78,57 +78,67 @@ def test_ratio_is_the_selection_cost_over_the_limit():
     assert tracker.ratio() == pytest.approx(count_macs(pruned, TOY) / (0.5 * dense), rel=1e-9)
 
 
-def test_dual_step_moves_lam_with_the_excess():
-    """Over the budget lam rises by exp(gain * min(1, ratio - 1)); under it, it falls."""
-    gated, tracker, _ = setup("macs=0.5", gain=0.1)
-    assert tracker.step(0) == pytest.approx(2.0)
-    assert gated.lam == pytest.approx(2.0 * math.exp(0.1))
-    set_theta_(gated, {f"block.layer{i}": [0.0] for i in ("1.1", "2.1")})
-    set_theta_(gated, {"layer1.0.conv1": [0.25] * 4, "layer2.0.conv1": [0.125] * 8})
-    r = tracker.step(1)
-    assert r < 1
-    assert gated.lam == pytest.approx(2.0 * math.exp(0.1) * math.exp(0.1 * (r - 1)))
-    with pytest.raises(ValueError, match="gain"):
-        BudgetTracker(gated, tracker.budget, 0.0, 1)
+def test_multiplier_is_the_least_price_whose_step_fits():
+    """Unconstrained step within the limit: lam 0.  Otherwise the returned lam's step fits and
+    a 1% smaller one does not; the multiplier does not depend on where its bracket starts."""
+    gated, tracker, _ = setup("macs=0.5")
+    price = gated.marginal_costs(1.0)
+    ce = torch.linspace(-0.02, 0.02, len(price))  # some gates worth keeping, some not
+    lr, t = 0.05, 10**6  # past any ramp: the limit is the budget
+
+    def cost(lam):
+        th = gated.proposed_theta(ce + lam * price, lr, True)
+        return tracker.budget.cost(tracker.widths(th))
+
+    limit = tracker.limit(t)
+    lam = tracker.multiplier(ce, price, lr, True, t)
+    assert lam > 0 and cost(lam) <= limit < cost(0.99 * lam)
+    for start in (1e-4, 1e3):
+        with torch.no_grad():
+            gated.lam_now.fill_(start)
+        assert tracker.multiplier(ce, price, lr, True, t) == pytest.approx(lam, rel=2e-3)
     with pytest.raises(ValueError, match="ramp"):
-        BudgetTracker(gated, tracker.budget, 0.1, 1, ramp=-1)
+        BudgetTracker(gated, tracker.budget, 1, ramp=-1)
 
 
 def test_limit_glides_from_dense_to_the_budget():
-    """With a ramp of 10 steps the dense network is at its limit at step 0 (ratio 1, lam
-    unmoved), halfway at 0.75 of dense for a budget of 0.5, at the budget from step 10 on."""
-    gated, _, run = setup("macs=0.5", gain=0.1)
-    tracker = BudgetTracker(gated, budget_cost(run), 0.1, 1, ramp=10)
+    """With a ramp of 10 steps the limit is the dense cost at step 0 (the dense network fits
+    it at lam 0), 0.75 of dense halfway for a budget of 0.5, the budget from step 10 on."""
+    gated, _, run = setup("macs=0.5")
+    tracker = BudgetTracker(gated, budget_cost(run), 1, ramp=10)
     dense = count_macs(run.model, TOY)
     assert [tracker.limit(t) / dense for t in (0, 5, 10, 50)] == \
         pytest.approx([1.0, 0.75, 0.5, 0.5])
-    assert tracker.step(0) == pytest.approx(1.0) and gated.lam == pytest.approx(2.0)
-    assert tracker.step(5) == pytest.approx(1 / 0.75)
+    assert tracker.ratio(step=5) == pytest.approx(1 / 0.75)
     assert tracker.ratio() == pytest.approx(2.0)  # against the budget itself
+    price = gated.marginal_costs(1.0)  # the dense network fits the dense limit at no price
+    assert tracker.multiplier(torch.zeros_like(price), price, 0.05, True, 0) == 0.0
+    assert tracker.multiplier(torch.zeros_like(price), price, 0.05, True, 10) > 0
 
 
 def test_lam_is_a_buffer_the_checkpoint_carries():
-    gated, tracker, _ = setup()
-    tracker.step(0)
-    state = gated.state_dict()
+    gated, _, _ = setup()
+    with torch.no_grad():
+        gated.lam_now.fill_(3.5)
     fresh, _, _ = setup()
-    fresh.load_state_dict(state)
-    assert fresh.lam == pytest.approx(gated.lam) and fresh.lam != 2.0
+    fresh.load_state_dict(gated.state_dict())
+    assert fresh.lam == 3.5
 
 
 SYN = {"n_train": 192, "n_test": 96, "image_size": 8, "num_classes": 4}
 
 
-@pytest.mark.parametrize("gain", [0.05, 0.0])
-def test_budgeted_run_moves_lam(tmp_path, gain):
-    """A budgeted run records lam and the budget ratio per epoch; with a gain lam moves away
-    from its start, with gain 0 it stays at --lam.  The budget is met either way."""
+@pytest.mark.parametrize("mode", ["project", "fixed"])
+def test_budgeted_run_sets_lam(tmp_path, mode):
+    """A budgeted run records lam and the budget ratio per epoch; ``project`` moves lam away
+    from --lam and ends the training within the budget (the ramp done), ``fixed`` leaves it at
+    --lam.  The selection meets the budget either way."""
     cfg = RunConfig(
         data={"name": "synthetic", "synthetic": SYN}, model={"name": "resnet20", "width": 0.25},
-        optim={"epochs": 2, "finetune_epochs": 0, "batch_size": 32, "eval_batch_size": 96,
+        optim={"epochs": 3, "finetune_epochs": 0, "batch_size": 32, "eval_batch_size": 96,
                "lr": 0.05},
         method={"name": "variational", "lam": 0.5,
-                "options": {"theta_lr": 0.05, "gate_warmup_epochs": 0.5, "budget_gain": gain}},
+                "options": {"theta_lr": 0.05, "gate_warmup_epochs": 0.5, "budget_lam": mode}},
         selection={"bisect_images": 96, "budget": "macs=0.4", "granularity": 2,
                    "remove_blocks": True},
         runtime={"latency_batches": (), "progress": False, "device": "cpu", "amp": "off",
@@ -137,28 +147,29 @@ def test_budgeted_run_moves_lam(tmp_path, gain):
     hist = report["history"]["train"]
     lams = [e["gates_lam"] for e in hist]
     assert report["complexity"]["macs_ratio"] <= 0.4 + 1e-12
-    assert report["regularizer"]["budget_gain"] == gain
-    if gain:
-        assert all(e["gates_budget_ratio"] > 0 for e in hist)
+    assert report["regularizer"]["budget_lam"] == mode
+    if mode == "project":
+        assert hist[-1]["gates_budget_ratio"] <= 1 + 1e-9
         assert lams[-1] != pytest.approx(0.5)
     else:
         assert "gates_budget_ratio" not in hist[-1]
         assert lams == [0.5] * len(hist)
 
 
-def test_cli_budget_gain_and_ramp(capsys):
+def test_cli_budget_lam_and_ramp(capsys):
     from nn.cli import build_parser, config_from_args
 
     def cfg(*argv):
         return config_from_args(build_parser().parse_args(["train", *argv]))
 
     o = cfg("--method", "variational").method.options
-    assert (o.budget_gain, o.budget_ramp) == (0.02, 0.5)
-    o = cfg("--method", "variational", "--budget-gain", "0", "--budget-ramp", "0.25",
+    assert (o.budget_lam, o.budget_ramp) == ("project", 0.5)
+    o = cfg("--method", "variational", "--budget-lam", "fixed", "--budget-ramp", "0.25",
             "--budget", "macs=0.4").method.options
-    assert (o.budget_gain, o.budget_ramp) == (0.0, 0.25)
-    with pytest.raises(SystemExit):
-        cfg("--method", "variational", "--budget-ramp", "1.5")
-    assert "--budget-ramp" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--budget-gain is an option of variational"):
-        cfg("--method", "spr", "--budget-gain", "0.1")
+    assert (o.budget_lam, o.budget_ramp) == ("fixed", 0.25)
+    for bad in (("--budget-ramp", "1.5"), ("--budget-lam", "dual")):
+        with pytest.raises(SystemExit):
+            cfg("--method", "variational", *bad)
+        assert bad[0] in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--budget-lam is an option of variational"):
+        cfg("--method", "spr", "--budget-lam", "fixed")

@@ -218,10 +218,11 @@ class GatedResNet(Evidence, tnn.Module):
         th = self._leaf if (self._leaf is not None and self.training) else self.theta
         return (self.lam_now * self.cost(th * self.alive)).float()
 
-    def marginal_costs(self) -> torch.Tensor:
-        """``lam * dR/dtheta_s`` at the current theta: the automatic regularisation weight of
-        every gate (0 for dead ones)."""
-        g = C.marginal(lambda th: self.lam_now * self.cost(th), self.theta * self.alive)
+    def marginal_costs(self, lam: float | None = None) -> torch.Tensor:
+        """``lam * dR/dtheta_s`` at the current theta (``lam`` None: the price now,
+        ``lam_now``): the automatic regularisation weight of every gate (0 for dead ones)."""
+        scale = self.lam_now if lam is None else lam
+        g = C.marginal(lambda th: scale * self.cost(th), self.theta * self.alive)
         return g.float() * self.alive
 
     # ---------------------------------------------------------------- masks
@@ -329,6 +330,14 @@ class GatedResNet(Evidence, tnn.Module):
         return theta_gradient(self, ce, batch)
 
     @torch.no_grad()
+    def proposed_theta(self, grad: torch.Tensor, lr: float, precondition: bool = True):
+        """theta after the projected-SGD step of :meth:`step_theta` on ``grad``, before any
+        gate dies (live, unpinned gates move; the others keep their theta)."""
+        free = self.alive & ~self.pinned
+        step = grad / self.unit_cost if precondition else grad
+        return torch.where(free, (self.theta - lr * step).clamp(0.0, 1.0), self.theta)
+
+    @torch.no_grad()
     def step_theta(self, grad: torch.Tensor, lr: float, precondition: bool = True) -> int:
         """Projected SGD: ``theta <- clip(theta - lr P grad, 0, 1)`` on live, unpinned gates,
         with ``P = diag(1 / unit_cost)`` (every gate's marginal cost at theta = 1) when
@@ -348,8 +357,7 @@ class GatedResNet(Evidence, tnn.Module):
         under the cost alone every gate then moves at ``lr * lam`` per step, and the
         cross-entropy gradient counts per unit of cost."""
         free = self.alive & ~self.pinned
-        step = grad / self.unit_cost if precondition else grad
-        new = torch.where(free, (self.theta - lr * step).clamp(0.0, 1.0), self.theta)
+        new = self.proposed_theta(grad, lr, precondition)
         dying = free & (new <= 0)
         if self.estimator == "batched" and bool(dying.any()):
             with torch.enable_grad():

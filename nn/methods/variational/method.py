@@ -21,7 +21,7 @@ from nn.methods.base import Method, Training
 from nn.methods.variational.estimators import (DEFAULT_ESTIMATOR, DEFAULT_FLIP_BLOCKS,
                                                DEFAULT_FLIP_SAMPLES, DEFAULT_FLIP_UNITS,
                                                ESTIMATORS)
-from nn.methods.variational.budget import BudgetTracker
+from nn.methods.variational.budget import BUDGET_LAM, BudgetTracker
 from nn.methods.variational.gated import GatedResNet
 
 __all__ = ["Variational", "VariationalOptions", "hooks", "recalibrate_bn"]
@@ -37,10 +37,10 @@ class VariationalOptions:
     (None: all); ``flip_samples``: the ghost batch ``batched`` flips them on;
     ``group``: consecutive units of a family under one gate, sampled, scored and kept together
     (pair it with ``--granularity``; every unit family's size must be a multiple);
-    ``budget_gain``: with a stated ``--budget``, ``lam`` becomes the budget's multiplier and
-    moves by this log-step per step and unit of relative excess (:mod:`.budget`; 0: ``lam``
-    stays fixed and the selection alone meets the budget); ``budget_ramp``: the share of the
-    training after the warm-up over which its limit glides from dense to the budget."""
+    ``budget_lam``: with a stated ``--budget``, ``project`` makes ``lam`` the budget's
+    multiplier, step by step (:mod:`.budget`), ``fixed`` keeps ``--lam`` and leaves the budget
+    to the selection; ``budget_ramp``: the share of the training after the warm-up over which
+    the budget's limit glides from dense to the budget."""
 
     theta_lr: float = 0.005
     estimator: str = DEFAULT_ESTIMATOR
@@ -51,7 +51,7 @@ class VariationalOptions:
     flip_blocks: int | None = DEFAULT_FLIP_BLOCKS
     group: int = 1
     flip_samples: int = DEFAULT_FLIP_SAMPLES
-    budget_gain: float = 0.02
+    budget_lam: str = "project"
     budget_ramp: float = 0.5
 
     def __post_init__(self):
@@ -62,7 +62,7 @@ class VariationalOptions:
         optional_count("flip_blocks", self.flip_blocks)
         integer("group", self.group, 1)
         integer("flip_samples", self.flip_samples, 1)
-        number("budget_gain", self.budget_gain, 0)
+        choice("budget_lam", self.budget_lam, BUDGET_LAM)
         number("budget_ramp", self.budget_ramp, 0, 1)
         if not isinstance(self.precondition, bool):
             raise ValueError(f"precondition must be a bool, got {self.precondition!r}")
@@ -72,7 +72,7 @@ class VariationalOptions:
 def hooks(gated: GatedResNet, options: VariationalOptions, steps_per_epoch: int,
           tracker: BudgetTracker | None = None) -> dict:
     """``extra_loss``, ``after_backward`` and ``epoch_metrics`` for :func:`nn.training.train`;
-    ``tracker`` moves ``lam`` after every theta step.  The step counter lives in the gated
+    ``tracker`` sets ``lam`` for every theta step.  The step counter lives in the gated
     module (a buffer), so a resumed run keeps its warm-up position."""
     warmup = round(options.gate_warmup_epochs * steps_per_epoch)
     counts = {"died": 0}
@@ -80,9 +80,14 @@ def hooks(gated: GatedResNet, options: VariationalOptions, steps_per_epoch: int,
     def after_backward(m: GatedResNet, ce: torch.Tensor, x=None, y=None) -> None:
         if int(m.steps) >= warmup:  # no estimate during the warm-up (flip costs forward passes)
             g = m.theta_gradient(ce, None if x is None else (x, y))
+            if tracker is not None:  # lam: the budget's multiplier for this step
+                price = m.marginal_costs(1.0)
+                g = g - m.marginal_costs()  # the cross-entropy part alone
+                lam = tracker.multiplier(g, price, options.theta_lr, options.precondition,
+                                         int(m.steps) - warmup)
+                m.lam_now.fill_(lam)
+                g = g + lam * price
             counts["died"] += m.step_theta(g, options.theta_lr, options.precondition)
-            if tracker is not None:
-                tracker.step(int(m.steps) - warmup)
         m.steps += 1
 
     def epoch_metrics(m: GatedResNet, epoch: int) -> dict:
@@ -180,13 +185,12 @@ class Variational(Method):
                             latency=latency, group=o.group,
                             flip_samples=o.flip_samples).to(run.device)
         tracker = None
-        if run.config.selection.budget and o.budget_gain > 0:
+        if run.config.selection.budget and o.budget_lam == "project":
             from nn.budget import budget_cost
 
             steps = run.config.optim.epochs * run.steps_per_epoch
             warmup = round(o.gate_warmup_epochs * run.steps_per_epoch)
-            tracker = BudgetTracker(gated, budget_cost(run), o.budget_gain,
-                                    run.config.selection.granularity,
+            tracker = BudgetTracker(gated, budget_cost(run), run.config.selection.granularity,
                                     ramp=round(o.budget_ramp * max(0, steps - warmup)))
         return Training(gated, hooks(gated, o, run.steps_per_epoch, tracker), gated)
 
@@ -252,7 +256,7 @@ class Variational(Method):
         return {"penalty": "variational", "lam": m.lam, "cost": m.cost.to_dict(),
                 "theta_lr": o.theta_lr, "estimator": o.estimator, "flip_units": o.flip_units,
                 "flip_blocks": o.flip_blocks, "flip_samples": o.flip_samples,
-                "budget_gain": o.budget_gain if run.config.selection.budget else None,
+                "budget_lam": o.budget_lam if run.config.selection.budget else None,
                 "budget_ramp": o.budget_ramp if run.config.selection.budget else None,
                 "warmup_epochs": o.gate_warmup_epochs,
                 "theta_init": o.theta_init, "group": o.group,
