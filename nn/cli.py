@@ -183,6 +183,10 @@ OPTIONS = {
     "--budget-ramp": ("options", "budget_ramp", dict(
         type=argtype("--budget-ramp", float, 0, hi=1), help="variational with --budget: share "
         "of the training after the warm-up over which its limit glides to the budget")),
+    "--budget-freeze": ("options", "budget_freeze", dict(
+        type=argtype("--budget-freeze", float, 0, hi=1), help="variational with --budget: "
+        "share of the training after the warm-up at which the gates are fixed to the budget's "
+        "selection, the rest training that network (1: never)")),
     "--gate-warmup-epochs": ("options", "gate_warmup_epochs", dict(
         type=argtype("--gate-warmup-epochs", float, 0), help="epochs before theta moves")),
     "--theta-init": ("options", "theta_init", dict(type=argtype("--theta-init", float, 0, True,

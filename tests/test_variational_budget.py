@@ -156,6 +156,32 @@ def test_budgeted_run_sets_lam(tmp_path, mode):
         assert lams == [0.5] * len(hist)
 
 
+def test_gates_fixed_to_the_budgets_selection_train_that_network(tmp_path):
+    """With ``budget_freeze`` 0.5 the gates are fixed halfway through the theta training: from
+    then on every theta is 0 or 1 and none moves, the final selection keeps that network, and
+    it meets the budget."""
+    cfg = RunConfig(
+        data={"name": "synthetic", "synthetic": SYN}, model={"name": "resnet20", "width": 0.25},
+        optim={"epochs": 4, "finetune_epochs": 0, "batch_size": 32, "eval_batch_size": 96,
+               "lr": 0.05},
+        method={"name": "variational", "lam": 0.5,
+                "options": {"theta_lr": 0.05, "gate_warmup_epochs": 0.0, "budget_freeze": 0.5}},
+        selection={"bisect_images": 96, "budget": "macs=0.4", "granularity": 2,
+                   "remove_blocks": True},
+        runtime={"latency_batches": (), "progress": False, "device": "cpu", "amp": "off",
+                 "out": str(tmp_path / "run")})
+    report = run_pipeline(cfg)
+    hist = report["history"]["train"]
+    assert [e["gates_frozen"] for e in hist] == [False, True, True, True]
+    fixed = [e["theta"] for e in hist[1:]]
+    assert all(v in (0.0, 1.0) for t in fixed for vs in t.values() for v in vs)
+    assert fixed[0] == fixed[-1]
+    assert report["complexity"]["macs_ratio"] <= 0.4 + 1e-12
+    assert report["regularizer"]["budget_freeze"] == 0.5
+    kept = {n: sum(v) for n, v in fixed[-1].items() if not n.startswith("block.")}
+    assert kept == {n: w for n, w in report["selection"]["widths"].items() if n in kept}
+
+
 def test_cli_budget_lam_and_ramp(capsys):
     from nn.cli import build_parser, config_from_args
 
@@ -163,13 +189,87 @@ def test_cli_budget_lam_and_ramp(capsys):
         return config_from_args(build_parser().parse_args(["train", *argv]))
 
     o = cfg("--method", "variational").method.options
-    assert (o.budget_lam, o.budget_ramp) == ("project", 0.5)
+    assert (o.budget_lam, o.budget_ramp, o.budget_freeze) == ("project", 0.5, 0.75)
     o = cfg("--method", "variational", "--budget-lam", "fixed", "--budget-ramp", "0.25",
-            "--budget", "macs=0.4").method.options
-    assert (o.budget_lam, o.budget_ramp) == ("fixed", 0.25)
-    for bad in (("--budget-ramp", "1.5"), ("--budget-lam", "dual")):
+            "--budget-freeze", "1", "--budget", "macs=0.4").method.options
+    assert (o.budget_lam, o.budget_ramp, o.budget_freeze) == ("fixed", 0.25, 1.0)
+    for bad in (("--budget-ramp", "1.5"), ("--budget-lam", "dual"), ("--budget-freeze", "-1")):
         with pytest.raises(SystemExit):
             cfg("--method", "variational", *bad)
         assert bad[0] in capsys.readouterr().err
     with pytest.raises(ValueError, match="--budget-lam is an option of variational"):
         cfg("--method", "spr", "--budget-lam", "fixed")
+
+
+def test_price_is_the_slope_of_the_budgets_own_cost():
+    """A MAC budget's price at theta = 1 is each gate's marginal MACs over the dense ones: for
+    MACs (bilinear in the widths) one grid step's slope is the exact derivative of the expected
+    MACs, so it equals the gates' own marginal cost with the MAC weight alone.  A block the
+    budget may not remove costs its layers whatever its gate says: price 0."""
+    from nn.cost import CostConfig
+
+    gated, tracker, run = setup("macs=0.5", granularity=1)
+    macs_only = GatedResNet(run.model, TOY, lam=1.0, cost=CostConfig(macs=1.0, params=0.0))
+    exact = macs_only.marginal_costs().double()  # float32
+    torch.testing.assert_close(tracker.price(), exact, rtol=1e-6, atol=0)
+    assert (tracker.price()[gated.n_units:] > 0).all()
+    gated, tracker, _ = setup("macs=0.5", granularity=1, remove_blocks=False)
+    p = tracker.price()
+    assert (p[gated.n_units:] == 0).all()
+    torch.testing.assert_close(p[:gated.n_units], exact[:gated.n_units], rtol=1e-6, atol=0)
+    # a block below one half is removed: its units cost nothing more, the block its layers
+    # at their expected width (the price of theta = 1, cached, is not reused)
+    gated, tracker, _ = setup("macs=0.5", granularity=1)
+    tracker.price()
+    set_theta_(gated, {"layer2.1.conv1": [1.0] * 4 + [0.0] * 4, "block.layer2.1": [0.4]})
+    p = tracker.price()
+    assert (p[gated.by_name["layer2.1.conv1"].slice] == 0).all()
+    w = tracker.widths()
+    block = tracker.budget.cost({**w, "layer2.1.conv1": 4}) - tracker.budget.cost(w)
+    assert float(p[gated.by_name["block.layer2.1"].start]) == \
+        pytest.approx(block / tracker.full, rel=1e-12)
+    assert block < 0.9 * (tracker.full - tracker.budget.cost(
+        {**tracker.budget.sizes, "layer2.1.conv1": 0}))  # less than the dense block's
+
+
+def test_death_rule_weighs_evidence_against_the_price_it_is_given():
+    """A worthless gate at theta = 0 with enough evidence dies against its price; given a price
+    of 0 (a block a budget may not remove, a latency table's flat stretch) it stays."""
+    from nn.methods.variational.evidence import DEATH_VISITS
+
+    gated, _, _ = setup()
+    gated = GatedResNet(gated.net, TOY, lam=1.0, estimator="batched")
+    s = 0
+    with torch.no_grad():
+        gated.theta[s] = 0.0
+    for _ in range(DEATH_VISITS):
+        gated.record(torch.tensor([s]), torch.tensor([0.0]))
+    push = torch.zeros_like(gated.theta)
+    push[s] = 1.0
+    assert gated.step_theta(push, 1.0, False, price=torch.zeros_like(push)) == 0
+    assert bool(gated.alive[s])
+    assert gated.step_theta(push, 1.0, False) == 1 and not bool(gated.alive[s])
+
+
+def test_budgeted_selection_refills_dead_units_and_decides_blocks():
+    """The selection fills a budget's slack with dead units (scored DEAD_SCORE, below every
+    live gate), and brings a dead block back when it can afford it; the gates are set to its
+    network exactly (theta 1 kept, 0 and dead removed)."""
+    from nn.methods.variational.method import Variational
+
+    gated, tracker, run = setup("macs=0.9", granularity=1)
+    run.config.selection.depth = "value"
+    with torch.no_grad():  # half of every unit family and one block dead
+        for g in gated.gates:
+            if g.kind == "unit":
+                gated.alive[g.start + g.size // 2:g.start + g.size] = False
+        gated.alive[gated.by_name["block.layer2.1"].start] = False
+        gated.theta.copy_(gated.alive.float())
+    sel = Variational()._budgeted(run, gated)
+    units = int(gated.alive[:gated.n_units].sum())
+    assert units > gated.n_units // 2  # dead units came back to fill the budget
+    assert bool(gated.alive[gated.by_name["block.layer2.1"].start])
+    assert tracker.budget.cost(tracker.widths()) <= tracker.budget.limit * (1 + 1e-9)
+    assert sel["cost_predicted"] == pytest.approx(tracker.budget.cost(tracker.widths()))
+    assert set(gated.theta.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(gated.theta.bool(), gated.alive)

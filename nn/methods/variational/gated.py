@@ -55,7 +55,15 @@ from nn.models.resnet import forward as fwd
 from nn.models.resnet.structures import build_families, layout
 
 __all__ = ["ESTIMATORS", "DEFAULT_ESTIMATOR", "DEFAULT_FLIP_UNITS", "DEFAULT_FLIP_BLOCKS",
-           "DEFAULT_FLIP_SAMPLES", "GatedResNet", "AVERAGE_DECAY", "DEATH_VISITS", "DEATH_Z"]
+           "DEFAULT_FLIP_SAMPLES", "GatedResNet", "projected_step", "AVERAGE_DECAY",
+           "DEATH_VISITS", "DEATH_Z"]
+
+def projected_step(theta, free, unit_cost, grad, lr: float, precondition: bool):
+    """``clip(theta - lr P grad, 0, 1)`` where ``free``, else ``theta``; ``P = diag(1 /
+    unit_cost)`` when ``precondition``, else ``I`` (:meth:`GatedResNet.step_theta`)."""
+    step = grad / unit_cost if precondition else grad
+    return torch.where(free, (theta - lr * step).clamp(0.0, 1.0), theta)
+
 
 @dataclass(frozen=True)
 class _Gate:
@@ -333,12 +341,12 @@ class GatedResNet(Evidence, tnn.Module):
     def proposed_theta(self, grad: torch.Tensor, lr: float, precondition: bool = True):
         """theta after the projected-SGD step of :meth:`step_theta` on ``grad``, before any
         gate dies (live, unpinned gates move; the others keep their theta)."""
-        free = self.alive & ~self.pinned
-        step = grad / self.unit_cost if precondition else grad
-        return torch.where(free, (self.theta - lr * step).clamp(0.0, 1.0), self.theta)
+        return projected_step(self.theta, self.alive & ~self.pinned, self.unit_cost, grad, lr,
+                              precondition)
 
     @torch.no_grad()
-    def step_theta(self, grad: torch.Tensor, lr: float, precondition: bool = True) -> int:
+    def step_theta(self, grad: torch.Tensor, lr: float, precondition: bool = True,
+                   price: torch.Tensor | None = None) -> int:
         """Projected SGD: ``theta <- clip(theta - lr P grad, 0, 1)`` on live, unpinned gates,
         with ``P = diag(1 / unit_cost)`` (every gate's marginal cost at theta = 1) when
         ``precondition``, else ``P = I``.  A gate reaching 0 dies for good, except a unit
@@ -346,7 +354,8 @@ class GatedResNet(Evidence, tnn.Module):
 
         With ``batched``, one estimate cannot kill a gate: theta follows each gate's running
         average (:meth:`record`), and a gate at 0 dies only on evidence
-        (:meth:`evidence_useless` against its marginal price ``lam dR/dtheta`` now); until then
+        (:meth:`evidence_useless` against its marginal price now: ``price``, default ``lam
+        dR/dtheta``; under a stated budget, the budget's price, :mod:`.budget`); until then
         it stays alive at theta = 0 -- sampled off in training, still flipped on by the estimator,
         so it comes back if its value rises above its price.
 
@@ -360,8 +369,9 @@ class GatedResNet(Evidence, tnn.Module):
         new = self.proposed_theta(grad, lr, precondition)
         dying = free & (new <= 0)
         if self.estimator == "batched" and bool(dying.any()):
-            with torch.enable_grad():
-                price = self.marginal_costs()
+            if price is None:
+                with torch.enable_grad():
+                    price = self.marginal_costs()
             arrived = dying & (self.theta > 0)  # just reached 0: judge it on what follows
             self.est_n.masked_fill_(arrived, 0)
             dying &= self.evidence_useless(price) & ~arrived
