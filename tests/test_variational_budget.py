@@ -189,7 +189,7 @@ def test_cli_budget_lam_and_ramp(capsys):
         return config_from_args(build_parser().parse_args(["train", *argv]))
 
     o = cfg("--method", "variational").method.options
-    assert (o.budget_lam, o.budget_ramp, o.budget_freeze) == ("project", 0.5, 0.75)
+    assert (o.budget_lam, o.budget_ramp, o.budget_freeze) == ("project", 0.5, 0.5)
     o = cfg("--method", "variational", "--budget-lam", "fixed", "--budget-ramp", "0.25",
             "--budget-freeze", "1", "--budget", "macs=0.4").method.options
     assert (o.budget_lam, o.budget_ramp, o.budget_freeze) == ("fixed", 0.25, 1.0)

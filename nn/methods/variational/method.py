@@ -68,7 +68,7 @@ class VariationalOptions:
     flip_samples: int = DEFAULT_FLIP_SAMPLES
     budget_lam: str = "project"
     budget_ramp: float = 0.5
-    budget_freeze: float = 0.75
+    budget_freeze: float = 0.5
 
     def __post_init__(self):
         number("theta_lr", self.theta_lr, 0, open_lo=True)
