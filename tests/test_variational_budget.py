@@ -128,22 +128,26 @@ def test_lam_is_a_buffer_the_checkpoint_carries():
 SYN = {"n_train": 192, "n_test": 96, "image_size": 8, "num_classes": 4}
 
 
+def budgeted_run(tmp_path, epochs: int, **options) -> dict:
+    """The report of a variational run to ``--budget macs=0.4`` on synthetic images (6 steps
+    an epoch, no fine-tuning), with theta_lr 0.05 and ``options``."""
+    return run_pipeline(RunConfig(
+        data={"name": "synthetic", "synthetic": SYN}, model={"name": "resnet20", "width": 0.25},
+        optim={"epochs": epochs, "finetune_epochs": 0, "batch_size": 32, "eval_batch_size": 96,
+               "lr": 0.05},
+        method={"name": "variational", "lam": 0.5, "options": {"theta_lr": 0.05, **options}},
+        selection={"bisect_images": 96, "budget": "macs=0.4", "granularity": 2,
+                   "remove_blocks": True},
+        runtime={"latency_batches": (), "progress": False, "device": "cpu", "amp": "off",
+                 "out": str(tmp_path / "run")}))
+
+
 @pytest.mark.parametrize("mode", ["project", "fixed"])
 def test_budgeted_run_sets_lam(tmp_path, mode):
     """A budgeted run records lam and the budget ratio per epoch; ``project`` moves lam away
     from --lam and ends the training within the budget (the ramp done), ``fixed`` leaves it at
     --lam.  The selection meets the budget either way."""
-    cfg = RunConfig(
-        data={"name": "synthetic", "synthetic": SYN}, model={"name": "resnet20", "width": 0.25},
-        optim={"epochs": 3, "finetune_epochs": 0, "batch_size": 32, "eval_batch_size": 96,
-               "lr": 0.05},
-        method={"name": "variational", "lam": 0.5,
-                "options": {"theta_lr": 0.05, "gate_warmup_epochs": 0.5, "budget_lam": mode}},
-        selection={"bisect_images": 96, "budget": "macs=0.4", "granularity": 2,
-                   "remove_blocks": True},
-        runtime={"latency_batches": (), "progress": False, "device": "cpu", "amp": "off",
-                 "out": str(tmp_path / "run")})
-    report = run_pipeline(cfg)
+    report = budgeted_run(tmp_path, 3, gate_warmup_epochs=0.5, budget_lam=mode)
     hist = report["history"]["train"]
     lams = [e["gates_lam"] for e in hist]
     assert report["complexity"]["macs_ratio"] <= 0.4 + 1e-12
@@ -160,17 +164,7 @@ def test_gates_fixed_to_the_budgets_selection_train_that_network(tmp_path):
     """With ``budget_freeze`` 0.5 the gates are fixed halfway through the theta training: from
     then on every theta is 0 or 1 and none moves, the final selection keeps that network, and
     it meets the budget."""
-    cfg = RunConfig(
-        data={"name": "synthetic", "synthetic": SYN}, model={"name": "resnet20", "width": 0.25},
-        optim={"epochs": 4, "finetune_epochs": 0, "batch_size": 32, "eval_batch_size": 96,
-               "lr": 0.05},
-        method={"name": "variational", "lam": 0.5,
-                "options": {"theta_lr": 0.05, "gate_warmup_epochs": 0.0, "budget_freeze": 0.5}},
-        selection={"bisect_images": 96, "budget": "macs=0.4", "granularity": 2,
-                   "remove_blocks": True},
-        runtime={"latency_batches": (), "progress": False, "device": "cpu", "amp": "off",
-                 "out": str(tmp_path / "run")})
-    report = run_pipeline(cfg)
+    report = budgeted_run(tmp_path, 4, gate_warmup_epochs=0.0, budget_freeze=0.5)
     hist = report["history"]["train"]
     assert [e["gates_frozen"] for e in hist] == [False, True, True, True]
     fixed = [e["theta"] for e in hist[1:]]

@@ -58,6 +58,7 @@ __all__ = ["ESTIMATORS", "DEFAULT_ESTIMATOR", "DEFAULT_FLIP_UNITS", "DEFAULT_FLI
            "DEFAULT_FLIP_SAMPLES", "GatedResNet", "projected_step", "AVERAGE_DECAY",
            "DEATH_VISITS", "DEATH_Z"]
 
+
 def projected_step(theta, free, unit_cost, grad, lr: float, precondition: bool):
     """``clip(theta - lr P grad, 0, 1)`` where ``free``, else ``theta``; ``P = diag(1 /
     unit_cost)`` when ``precondition``, else ``I`` (:meth:`GatedResNet.step_theta`)."""
