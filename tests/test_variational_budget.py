@@ -123,6 +123,13 @@ def test_lam_is_a_buffer_the_checkpoint_carries():
     fresh, _, _ = setup()
     fresh.load_state_dict(gated.state_dict())
     assert fresh.lam == 3.5
+    older = {k: v for k, v in gated.state_dict().items() if k != "lam_now"}
+    fresh, _, _ = setup()  # a checkpoint from before the buffer: the module's own lam (2.0)
+    fresh.load_state_dict(older)
+    assert fresh.lam == 2.0
+    holder = torch.nn.ModuleDict({"gates": setup()[0]})  # under a prefix, too
+    holder.load_state_dict({f"gates.{k}": v for k, v in older.items()})
+    assert holder["gates"].lam == 2.0
 
 
 SYN = {"n_train": 192, "n_test": 96, "image_size": 8, "num_classes": 4}

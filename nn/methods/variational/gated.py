@@ -66,6 +66,12 @@ def projected_step(theta, free, unit_cost, grad, lr: float, precondition: bool):
     return torch.where(free, (theta - lr * step).clamp(0.0, 1.0), theta)
 
 
+def _lam_of_older_checkpoints(module, state_dict, prefix, *_):
+    """A checkpoint written before the price of size was a buffer has no ``lam_now``: it was
+    trained at the fixed ``lam`` the module was built with, so ``--resume`` keeps that."""
+    state_dict.setdefault(prefix + "lam_now", module.lam_now.detach().clone())
+
+
 @dataclass(frozen=True)
 class _Gate:
     """A gated family: ``name`` (its Family name), ``kind`` (``unit``/``block``), its slice
@@ -171,6 +177,7 @@ class GatedResNet(Evidence, tnn.Module):
         # the price of size: fixed, or moved by a stated budget (.budget); a buffer, so
         # --resume continues with the price reached
         self.register_buffer("lam_now", torch.tensor(float(lam), dtype=torch.float64))
+        self.register_load_state_dict_pre_hook(_lam_of_older_checkpoints)
         self._init_evidence(n, sum(g.size for g in gates if g.kind == "unit"))
         if cost.latency and latency is None:
             raise ValueError("a latency cost needs the marginal latencies of the latency "
