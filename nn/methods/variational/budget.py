@@ -81,16 +81,16 @@ class BudgetTracker:
         """The allowed width of family ``name`` nearest to ``width`` (ties: the smaller)."""
         return min(self._grid[name], key=lambda w: (abs(w - width), w))
 
-    def widths(self, theta: torch.Tensor | None = None, blocks: bool = True) -> dict[str, int]:
+    def widths(self, theta: torch.Tensor | None = None) -> dict[str, int]:
         """Every priced family's expected width under the gates at ``theta`` (default: the
-        current one), dead gates counting 0 (module docstring); ``blocks`` False: the widths
-        before the blocks whose gate is below one half set their carriers to 0."""
+        current one), dead gates counting 0 (module docstring)."""
         g = self.gated
         th = g.theta if theta is None else theta
-        return self._widths(th.detach().cpu().double() * g.alive.cpu(), blocks)
+        return self._widths(th.detach().cpu().double() * g.alive.cpu())
 
     def _widths(self, th: torch.Tensor, blocks: bool = True) -> dict[str, int]:
-        """:meth:`widths` of ``th``: live gates' theta, float64 on the CPU."""
+        """:meth:`widths` of ``th`` (live gates' theta, float64 on the CPU); ``blocks`` False:
+        before the blocks whose gate is below one half set their carriers to 0."""
         out = {}
         for name in self._grid:
             gate = self.gated.by_name[name]
