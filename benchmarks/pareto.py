@@ -36,6 +36,7 @@ deterministic per thread count, not across counts, and that spread is reported b
 
     python -m benchmarks.pareto                        # 3 seeds, 9 methods, 8 budgets: hours
     python -m benchmarks.pareto --methods spr,l1-filter --seeds 0 --latency ''
+    python -m benchmarks.pareto --full --macs 0.5,0.2 --latency '' --seeds 0   # 60k images
     python -m benchmarks.pareto --tiny --out /tmp/p/result --runs /tmp/p/runs   # ~20 s test
 """
 
@@ -68,11 +69,18 @@ TINY = {"methods": "dense,spr", "macs": "0.5", "latency": "0.8",
         "latency_flags": "--remove-blocks --granularity 2", "seeds": "0", "epochs": 1,
         "finetune_epochs": 1, "run_latency": "", "repeats": 3, "patience": 0.0,
         "wait_load": 0.0, "runs": "runs/pareto-tiny", "out": "runs/pareto-tiny/result"}
-"""Defaults of the options left unset, without and with ``--tiny``."""
-BASE = {False: ["--quick", "--data", "fashion-mnist"],
-        True: ["--data", "synthetic", "--synthetic", "n_train=256,n_test=128,image_size=8",
-               "--width", "0.25", "--latency-repeats", "3", "--bisect-images", "128"]}
-"""The training budget every run shares: ``--quick`` on Fashion-MNIST, or the tiny test set."""
+FULL_BUDGET = {"epochs": 4, "finetune_epochs": 2, "runs": "runs/pareto-full"}
+"""Defaults of the options left unset, without and with ``--tiny`` (``--full`` changes these
+three of :data:`FULL`)."""
+BASE = {"quick": ["--quick", "--data", "fashion-mnist"],
+        "full": ["--data", "fashion-mnist"],
+        "tiny": ["--data", "synthetic", "--synthetic", "n_train=256,n_test=128,image_size=8",
+                 "--width", "0.25", "--latency-repeats", "3", "--bisect-images", "128"]}
+"""The training budget every run shares: ``--quick`` on Fashion-MNIST, the whole of
+Fashion-MNIST (``--full``: 60k training images, ``python -m nn train``'s own defaults but the
+epochs, the schedule of ``benchmarks/fmnist_methods.py``), or the tiny test set."""
+DATA = {"quick": "Fashion-MNIST, --quick budget", "full": "Fashion-MNIST, full budget (60k)",
+        "tiny": "synthetic data (--tiny)"}
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,7 @@ def parse(argv=None):
     p.add_argument("--threads-compare", action="store_true",
                    help="rerun the first seed at the other thread count (1 <-> 2)")
     p.add_argument("--epochs", type=int, help="training epochs of every run (default 5, the "
-                   "--quick budget); dense trains epochs + fine-tuning epochs")
+                   "--quick budget; 4 with --full); dense trains epochs + fine-tuning epochs")
     p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs (default 2)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: its own)")
     p.add_argument("--extra", default="", help="more options for every run (one string; not "
@@ -138,8 +146,16 @@ def parse(argv=None):
                    "ResNet-20 width 0.25, 1 + 1 epochs, dense and spr, budgets macs=0.5 and "
                    "latency=0.8, seed 0, 3 timed rounds, no waiting; runs under "
                    f"{TINY['runs']} unless --runs")
+    p.add_argument("--full", action="store_true", help="the full budget: all 60k training "
+                   "images (no --quick), 4 + 2 epochs unless --epochs/--finetune-epochs, the "
+                   "schedule of benchmarks/fmnist_methods.py; runs under "
+                   f"{FULL_BUDGET['runs']} unless --runs")
     args = p.parse_args(argv)
-    for k, v in (TINY if args.tiny else FULL).items():
+    if args.tiny and args.full:
+        p.error("--tiny and --full exclude each other")
+    args.budget_mode = "tiny" if args.tiny else "full" if args.full else "quick"
+    defaults = TINY if args.tiny else {**FULL, **FULL_BUDGET} if args.full else FULL
+    for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if min(args.jobs, args.threads, args.repeats, args.epochs) < 1 or args.finetune_epochs < 0:
@@ -167,7 +183,7 @@ def _numbers(text: str, kind) -> list:
 def _argv(p: Point, args, table: Path | None) -> list[str]:
     """The ``python -m nn train`` command of point ``p``."""
     argv = [sys.executable, "-m", "nn", "train", "--method", p.method, "--model", "resnet20",
-            *BASE[args.tiny], "--threads", str(p.threads), "--seed", str(p.seed),
+            *BASE[args.budget_mode], "--threads", str(p.threads), "--seed", str(p.seed),
             "--no-progress", "--latency-batches", args.run_latency, "--out",
             str(p.folder(args.runs))]
     if args.data_dir and not args.tiny:
@@ -519,8 +535,7 @@ def plot(aggs: list[dict], path: Path, args) -> None:
         [Line2D([], [], color="gray", marker=mk, linestyle=ls, label=lab)
          for mk, ls, lab in style.values()]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    data = "synthetic data (--tiny)" if args.tiny else "Fashion-MNIST, --quick budget"
-    fig.suptitle(f"ResNet-20, {data}: seeds {args.seeds}, {args.threads} thread(s)")
+    fig.suptitle(f"ResNet-20, {DATA[args.budget_mode]}: seeds {args.seeds}, {args.threads} thread(s)")
     fig.tight_layout()
     _common.write_png(path, fig)
     plt.close(fig)

@@ -127,3 +127,25 @@ def test_training_shared_only_where_the_budget_does_not_shape_it():
     assert key("dense", None, None) == "dense"
     assert key("variational", "macs", 0.5) != key("variational", "macs", 0.3)
     assert key("variational", "macs", 0.5) != key("variational", "latency", 0.5)
+
+
+def test_full_budget_runs_without_quick_at_four_plus_two_epochs():
+    """``--full`` trains on all of Fashion-MNIST (no ``--quick``) with fmnist_methods' 4 + 2
+    epochs in its own run folder; explicit epochs win, and ``--tiny --full`` is refused."""
+    from benchmarks.pareto import Point, _argv, parse
+
+    args = parse(["--full", "--methods", "spr", "--seeds", "0"])
+    argv = _argv(Point("spr", "macs", 0.2, 0, 1), args, None)
+    assert "--quick" not in argv and argv[argv.index("--data") + 1] == "fashion-mnist"
+    assert argv[argv.index("--epochs") + 1] == "4"
+    assert argv[argv.index("--finetune-epochs") + 1] == "2"
+    assert argv[argv.index("--out") + 1].startswith(str(Path("runs/pareto-full")))
+    dense = _argv(Point("dense", None, None, 0, 1), args, None)
+    assert dense[dense.index("--epochs") + 1] == "6"
+    quick = _argv(Point("spr", "macs", 0.2, 0, 1), parse(["--methods", "spr"]), None)
+    assert "--quick" in quick and quick[quick.index("--epochs") + 1] == "5"
+    explicit = parse(["--full", "--epochs", "3", "--finetune-epochs", "1"])
+    assert (explicit.epochs, explicit.finetune_epochs) == (3, 1)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.pareto", "--tiny", "--full"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "exclude each other" in proc.stderr
