@@ -167,11 +167,23 @@ def test_budgeted_run_sets_lam(tmp_path, mode):
         assert lams == [0.5] * len(hist)
 
 
-def test_gates_fixed_to_the_budgets_selection_train_that_network(tmp_path):
+def test_gates_fixed_to_the_budgets_selection_train_that_network(tmp_path, monkeypatch):
     """With ``budget_freeze`` 0.5 the gates are fixed halfway through the theta training: from
-    then on every theta is 0 or 1 and none moves, the final selection keeps that network, and
-    it meets the budget."""
+    then on every theta is 0 or 1 and none moves, the final selection is that one (made once),
+    and it meets the budget."""
+    import nn.budget
+
+    calls = []
+    select = nn.budget.select_to_budget
+
+    def counted(*a, **k):
+        calls.append(1)
+        return select(*a, **k)
+
+    monkeypatch.setattr(nn.budget, "select_to_budget", counted)
     report = budgeted_run(tmp_path, 4, gate_warmup_epochs=0.0, budget_freeze=0.5)
+    assert len(calls) == 1  # the freeze's selection is the final one, not made twice
+    assert report["selection"]["fixed_at_step"] == 12  # 0.5 of 4 epochs x 6 steps
     hist = report["history"]["train"]
     assert [e["gates_frozen"] for e in hist] == [False, True, True, True]
     fixed = [e["theta"] for e in hist[1:]]

@@ -178,6 +178,9 @@ class GatedResNet(Evidence, tnn.Module):
         # --resume continues with the price reached
         self.register_buffer("lam_now", torch.tensor(float(lam), dtype=torch.float64))
         self.register_load_state_dict_pre_hook(_lam_of_older_checkpoints)
+        # the budget's selection once the gates were fixed to it during the training (its
+        # record; not in the checkpoint: a run resumed after that selects again)
+        self.budget_record: dict | None = None
         self._init_evidence(n, sum(g.size for g in gates if g.kind == "unit"))
         if cost.latency and latency is None:
             raise ValueError("a latency cost needs the marginal latencies of the latency "

@@ -222,8 +222,11 @@ class Variational(Method):
             tracker = BudgetTracker(gated, budget_cost(run), run.config.selection.granularity,
                                     ramp=round(o.budget_ramp * theta_steps))
         if run.config.selection.budget and o.budget_freeze < 1:
-            freeze = (max(1, round(o.budget_freeze * theta_steps)),
-                      lambda: self._budgeted(run, gated))
+            def fix():  # the selection's record is the final one (select() reuses it)
+                gated.budget_record = {**self._budgeted(run, gated), "fixed_at_step": int(
+                    gated.steps)}
+
+            freeze = (max(1, round(o.budget_freeze * theta_steps)), fix)
         return Training(gated, hooks(gated, o, run.steps_per_epoch, tracker, freeze), gated)
 
     def score_name(self, run):
@@ -263,10 +266,15 @@ class Variational(Method):
         """Every theta rounded to 0 or 1 (``GatedResNet.round_``; the rule and the counts
         rounded each way go into the record) -- or, with a stated budget, the units the
         budgeted selection keeps -- then the BN statistics of that deterministic network
-        recomputed on the calibration images."""
+        recomputed on the calibration images.  Gates fixed to the budget during the training
+        (``budget_freeze``) keep that selection."""
         gated = training.module
         if run.config.selection.budget:
-            sel = self._budgeted(run, gated)
+            # fixed at the freeze: that selection stands (selecting again would cost a second
+            # depth search, and its network is the one trained since); a run resumed after the
+            # freeze lost the record and selects again, which keeps the fixed gates (every live
+            # gate scores 1, a dead one DEAD_SCORE)
+            sel = gated.budget_record or self._budgeted(run, gated)
             masks = gated.deterministic_masks()
             sel["bn_recalibration_batches"] = recalibrate_bn(gated, run.calibration())
             sel["removed"] = {n: int((~k).sum()) for n, k in masks.items()}
