@@ -70,8 +70,8 @@ TINY = {"methods": "dense,spr", "macs": "0.5", "latency": "0.8",
         "finetune_epochs": 1, "run_latency": "", "repeats": 3, "patience": 0.0,
         "wait_load": 0.0, "runs": "runs/pareto-tiny", "out": "runs/pareto-tiny/result"}
 FULL_BUDGET = {"epochs": 4, "finetune_epochs": 2, "runs": "runs/pareto-full"}
-"""Defaults of the options left unset, without and with ``--tiny`` (``--full`` changes these
-three of :data:`FULL`)."""
+"""Defaults of the options left unset: :data:`FULL` without ``--tiny``, :data:`TINY` with it;
+``--full`` takes these three over :data:`FULL`'s."""
 BASE = {"quick": ["--quick", "--data", "fashion-mnist"],
         "full": ["--data", "fashion-mnist"],
         "tiny": ["--data", "synthetic", "--synthetic", "n_train=256,n_test=128,image_size=8",
@@ -535,7 +535,8 @@ def plot(aggs: list[dict], path: Path, args) -> None:
         [Line2D([], [], color="gray", marker=mk, linestyle=ls, label=lab)
          for mk, ls, lab in style.values()]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.suptitle(f"ResNet-20, {DATA[args.budget_mode]}: seeds {args.seeds}, {args.threads} thread(s)")
+    fig.suptitle(f"ResNet-20, {DATA[args.budget_mode]}: seeds {args.seeds}, "
+                 f"{args.threads} thread(s)")
     fig.tight_layout()
     _common.write_png(path, fig)
     plt.close(fig)
