@@ -20,7 +20,8 @@ training, so their comparison is paired.  A budget a method cannot take (``pytho
 refuses it in one line, exit 2) is recorded as unsupported with that line; a run that crashes
 is reported and retried (resumed) by the next invocation; finished runs are read back.
 ``--jobs`` runs go at once, each with ``--threads`` torch threads, its output in
-``<run folder>.log``.  Latency budgets read one latency table per thread count, measured here
+``<run folder>.log`` (the runs of ``--threads-compare``'s other thread count share the same
+``--jobs`` x ``--threads`` threads: with the defaults, its 2-thread runs go one at a time).  Latency budgets read one latency table per thread count, measured here
 before the runs start, alone (``<runs>/latency-table-*.json``), at the largest batch of
 ``--run-latency`` (the batches the runs themselves time).
 
@@ -351,22 +352,33 @@ def run_points(points: list[Point], args) -> dict[Point, dict]:
             continue
         queue.setdefault(group[p], []).append(p)
 
+    capacity = args.jobs * args.threads  # the CPU threads granted: --jobs runs of --threads
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        running = {}
+        running, pending = {}, []  # pending: released, waiting for threads to free up
 
         def release(g):
-            """Start what group ``g`` can run: everything once it has a trained network,
+            """Queue what group ``g`` can run: everything once it has a trained network,
             else its first point alone (which trains it)."""
             todo = queue.get(g, [])
-            while todo and (g in source or not any(group[q] == g for q in running.values())):
-                p = todo.pop(0)
-                running[pool.submit(_run, p.folder(args.runs), argvs[p], cfgs[p],
-                                    source.get(g))] = p
+            while todo and (g in source or not any(
+                    group[q] == g for q in [*running.values(), *pending])):
+                pending.append(todo.pop(0))
                 if g not in source:
                     break
 
+        def start():
+            """Start pending points in order while their threads fit in ``capacity`` (a run
+            of the other thread count of ``--threads-compare`` takes its own share: two
+            2-thread runs on 2 granted threads would run at a fraction of the speed)."""
+            while pending and (not running or sum(q.threads for q in running.values())
+                               + pending[0].threads <= capacity):
+                p = pending.pop(0)
+                running[pool.submit(_run, p.folder(args.runs), argvs[p], cfgs[p],
+                                    source.get(group[p]))] = p
+
         for g in list(queue):
             release(g)
+        start()
         while running:
             ended, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in ended:
@@ -386,6 +398,7 @@ def run_points(points: list[Point], args) -> dict[Point, dict]:
                         report(q, {"status": "blocked", "error": why, "read_back": False,
                                    "argv": argvs[q]})
                 release(g)
+            start()
     return outcome
 
 

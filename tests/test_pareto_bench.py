@@ -149,3 +149,40 @@ def test_full_budget_runs_without_quick_at_four_plus_two_epochs():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.pareto", "--tiny", "--full"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "exclude each other" in proc.stderr
+
+
+def test_runs_of_the_other_thread_count_share_the_granted_threads(tmp_path, monkeypatch):
+    """``--jobs 2 --threads 1 --threads-compare``: the 1-thread runs go two at a time, the
+    2-thread runs one at a time (2 granted threads), each group's training first."""
+    import threading
+
+    from benchmarks import pareto
+
+    args = pareto.parse(["--tiny", "--methods", "dense,spr", "--macs", "0.5,0.3",
+                         "--latency", "", "--threads-compare", "--runs", str(tmp_path)])
+    points = [pareto.Point(m, k, v, 0, t) for t in (1, 2) for m, k, v in
+              (("dense", None, None), ("spr", "macs", 0.5), ("spr", "macs", 0.3))]
+    lock, busy, peak, started = threading.Lock(), [0], [], []
+
+    def fake_run(out, argv, cfg, source):
+        threads = int(argv[argv.index("--threads") + 1])
+        with lock:
+            busy[0] += threads
+            peak.append(busy[0])
+            started.append((out, source))
+        time.sleep(0.05)
+        (out / "train").mkdir(parents=True, exist_ok=True)
+        (out / "train" / "done.json").write_text("{}")
+        with lock:
+            busy[0] -= threads
+        return {"status": "done", "seconds": 0.05, "read_back": False}
+
+    monkeypatch.setattr(pareto, "_run", fake_run)
+    outcome = pareto.run_points(points, args)
+    assert {p: r["status"] for p, r in outcome.items()} == {p: "done" for p in points}
+    assert max(peak) == 2 and 2 in peak[:2]  # two 1-thread runs at once, never more threads
+    by_out = dict(started)
+    for t in (1, 2):  # spr's second budget starts from its first budget's training
+        first = pareto.Point("spr", "macs", 0.5, 0, t).folder(tmp_path)
+        assert by_out[first] is None
+        assert by_out[pareto.Point("spr", "macs", 0.3, 0, t).folder(tmp_path)] == first
