@@ -21,9 +21,10 @@ refuses it in one line, exit 2) is recorded as unsupported with that line; a run
 is reported and retried (resumed) by the next invocation; finished runs are read back.
 ``--jobs`` runs go at once, each with ``--threads`` torch threads, its output in
 ``<run folder>.log`` (the runs of ``--threads-compare``'s other thread count share the same
-``--jobs`` x ``--threads`` threads: with the defaults, its 2-thread runs go one at a time).  Latency budgets read one latency table per thread count, measured here
-before the runs start, alone (``<runs>/latency-table-*.json``), at the largest batch of
-``--run-latency`` (the batches the runs themselves time).
+``--jobs`` x ``--threads`` threads: with the defaults, its 2-thread runs go one at a time).
+Latency budgets read one latency table per thread count, measured here before the runs start,
+alone (``<runs>/latency-table-*.json``), at the largest batch of ``--run-latency`` (the batches
+the runs themselves time).
 
 After the runs every saved model is timed together with the dense network (BN folded,
 interleaved rounds, quiet rounds only: :func:`nn.latency.measure_networks`) at each batch of
