@@ -30,6 +30,7 @@ import argparse
 import glob
 import hashlib
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -215,8 +216,8 @@ def main(argv=None) -> int:
     _common.write_json(stem.with_suffix(".json"), {
         "machine": info, "arch": dict(args.arch), "seed_offsets": args.seed_offsets,
         "epochs": args.epochs, "threads": args.threads, "jobs": args.jobs,
-        "command": "python -m benchmarks.from_scratch " + " ".join(sys.argv[1:] if argv is None
-                                                                   else argv),
+        "command": "python -m benchmarks.from_scratch " + shlex.join(
+            sys.argv[1:] if argv is None else argv),
         "summary": summary, "trainings": out_rows})
     _common.write_csv(stem.with_suffix(".csv"), out_rows)
     print(f"results: {stem}.json, {stem}.csv")
