@@ -8,9 +8,9 @@ width), seeded with the run's seed plus the offset; the run's pruned architectur
 that fresh copy (``nn.compress`` with the run's masks, so no trained weight survives) and
 trained alone with the run's optimiser and schedule for ``--epochs`` (default: the run's
 training plus fine-tuning epochs, what the dense baseline of ``benchmarks.pareto`` trains),
-then tested.  One process per training, ``--jobs`` at once, ``--threads`` torch threads each.
-Every finished training is kept under ``--work`` (one JSON each, written atomically), so an
-interrupted invocation resumes where it stopped.
+then tested, on the CPU.  One process per training, ``--jobs`` at once, ``--threads`` torch
+threads each.  Every finished training is kept under ``--work`` (one JSON each, written
+atomically), so an interrupted invocation resumes where it stopped.
 
 Printed and written (``<out>.json``, ``<out>.csv``): per training the accuracy from scratch
 next to the run's own final accuracy and the MACs of both (they must agree: the same
