@@ -44,6 +44,15 @@ def wait_for_load(below: float, timeout_s: float = 900, poll_s: float = 15) -> f
     return time.monotonic() - t0
 
 
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (0 for one value; ``(None, None)`` for none)."""
+    import statistics
+
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def machine_info(device: str = "cpu") -> dict:
     """Platform, CPU, cores, library versions, torch threads, git commit, time, load."""
     import numpy

@@ -127,13 +127,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for label in dict.fromkeys(r["label"] for r in rows):
         rs = [r for r in rows if r["label"] == label]
-        acc = [r["test_acc"] for r in rs]
         own = [r["run_test_acc"] for r in {r["run"]: r for r in rs}.values()]
+        scratch_mean, scratch_std = _common.mean_std([r["test_acc"] for r in rs])
+        run_mean, run_std = _common.mean_std(own)
         out.append({"label": label, "trainings": len(rs), "runs": len(own),
-                    "scratch_mean": statistics.fmean(acc),
-                    "scratch_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                    "run_mean": statistics.fmean(own),
-                    "run_std": statistics.stdev(own) if len(own) > 1 else 0.0,
+                    "scratch_mean": scratch_mean, "scratch_std": scratch_std,
+                    "run_mean": run_mean, "run_std": run_std,
                     "scratch_minus_run": statistics.fmean(r["test_acc"] - r["run_test_acc"]
                                                           for r in rs),
                     "macs_ratio_mean": statistics.fmean(r["macs_ratio"] for r in rs)})

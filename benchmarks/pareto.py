@@ -461,12 +461,6 @@ def point_row(p: Point, res: dict, ms: dict | None, record: dict, args) -> dict:
     return row
 
 
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def aggregate(rows: list[dict], args) -> list[dict]:
     """Mean and standard deviation over seeds per method and budget (the ``--threads`` runs)."""
     out, keys = [], []
@@ -483,8 +477,8 @@ def aggregate(rows: list[dict], args) -> list[dict]:
              "failed": sum(r["status"] in ("failed", "blocked") for r in sub)}
         for key in ["test_acc", "macs_ratio", "params", "blocks_kept"] + \
                 [f"latency_ratio_b{b}" for b in args.batch_list]:
-            a[f"{key}_mean"], a[f"{key}_std"] = _mean_std([r[key] for r in ok
-                                                           if r[key] is not None])
+            a[f"{key}_mean"], a[f"{key}_std"] = _common.mean_std(
+                [r[key] for r in ok if r[key] is not None])
         a["macs_ratio_max"] = max((r["macs_ratio"] for r in ok), default=None)
         a["error"] = next((r["error"] for r in sub if r["error"]), None)
         out.append(a)
