@@ -354,7 +354,9 @@ def run_points(points: list[Point], args) -> dict[Point, dict]:
         queue.setdefault(group[p], []).append(p)
 
     capacity = args.jobs * args.threads  # the CPU threads granted: --jobs runs of --threads
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+    # start() alone decides what runs: a worker per granted thread, so a point it starts is
+    # running, not waiting in the pool (1-thread runs of --threads 2's compare go 2 x jobs)
+    with ThreadPoolExecutor(max_workers=capacity) as pool:
         running, pending = {}, []  # pending: released, waiting for threads to free up
 
         def release(g):

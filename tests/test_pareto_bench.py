@@ -151,17 +151,23 @@ def test_full_budget_runs_without_quick_at_four_plus_two_epochs():
     assert proc.returncode == 2 and "exclude each other" in proc.stderr
 
 
-def test_runs_of_the_other_thread_count_share_the_granted_threads(tmp_path, monkeypatch):
-    """``--jobs 2 --threads 1 --threads-compare``: the 1-thread runs go two at a time, the
-    2-thread runs one at a time (2 granted threads), each group's training first."""
+@pytest.mark.parametrize("threads, point_threads, peak_threads", [(1, (1, 2), 2), (2, (1,), 4)])
+def test_runs_of_the_other_thread_count_share_the_granted_threads(
+        tmp_path, monkeypatch, threads, point_threads, peak_threads):
+    """``--jobs 2``: runs start while their threads fit in the 2 x ``--threads`` granted, each
+    group's training first.  With ``--threads 1 --threads-compare`` the 1-thread runs go two at
+    a time and the 2-thread runs one at a time; with ``--threads 2`` four 1-thread runs go at
+    once (dense trains long, beside spr's three budgets)."""
     import threading
 
     from benchmarks import pareto
 
-    args = pareto.parse(["--tiny", "--methods", "dense,spr", "--macs", "0.5,0.3",
-                         "--latency", "", "--threads-compare", "--runs", str(tmp_path)])
-    points = [pareto.Point(m, k, v, 0, t) for t in (1, 2) for m, k, v in
-              (("dense", None, None), ("spr", "macs", 0.5), ("spr", "macs", 0.3))]
+    args = pareto.parse(["--tiny", "--methods", "dense,spr", "--macs", "0.5,0.3,0.2,0.1",
+                         "--latency", "", "--threads-compare", "--threads", str(threads),
+                         "--runs", str(tmp_path)])
+    points = [pareto.Point(m, k, v, 0, t) for t in point_threads for m, k, v in
+              (("dense", None, None), ("spr", "macs", 0.5), ("spr", "macs", 0.3),
+               ("spr", "macs", 0.2), ("spr", "macs", 0.1))]
     lock, busy, peak, started = threading.Lock(), [0], [], []
 
     def fake_run(out, argv, cfg, source):
@@ -170,19 +176,21 @@ def test_runs_of_the_other_thread_count_share_the_granted_threads(tmp_path, monk
             busy[0] += threads
             peak.append(busy[0])
             started.append((out, source))
-        time.sleep(0.05)
+        seconds = 0.5 if "dense" in argv else 0.05
+        time.sleep(seconds)
         (out / "train").mkdir(parents=True, exist_ok=True)
         (out / "train" / "done.json").write_text("{}")
         with lock:
             busy[0] -= threads
-        return {"status": "done", "seconds": 0.05, "read_back": False}
+        return {"status": "done", "seconds": seconds, "read_back": False}
 
     monkeypatch.setattr(pareto, "_run", fake_run)
     outcome = pareto.run_points(points, args)
     assert {p: r["status"] for p, r in outcome.items()} == {p: "done" for p in points}
-    assert max(peak) == 2 and 2 in peak[:2]  # two 1-thread runs at once, never more threads
+    assert max(peak) == peak_threads  # never more threads than granted, and all of them used
     by_out = dict(started)
-    for t in (1, 2):  # spr's second budget starts from its first budget's training
+    for t in point_threads:  # spr's other budgets start from its first budget's training
         first = pareto.Point("spr", "macs", 0.5, 0, t).folder(tmp_path)
         assert by_out[first] is None
-        assert by_out[pareto.Point("spr", "macs", 0.3, 0, t).folder(tmp_path)] == first
+        for v in (0.3, 0.2, 0.1):
+            assert by_out[pareto.Point("spr", "macs", v, 0, t).folder(tmp_path)] == first
