@@ -49,6 +49,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
 
 
+def _on_off(name):
+    """``on`` -> True, ``off`` -> False."""
+    def parse(text):
+        if text not in ("on", "off"):
+            raise argparse.ArgumentTypeError(f"{name} must be 'on' or 'off', got {text!r}")
+        return text == "on"
+    return parse
+
+
 def _count_or_all(name):
     """An int >= 1, or ``all`` -> None (what the options call "every one")."""
     count = argtype(name, int, 1)
@@ -187,6 +196,10 @@ OPTIONS = {
         type=argtype("--budget-freeze", float, 0, hi=1), help="variational with --budget: "
         "share of the training after the warm-up at which the gates are fixed to the budget's "
         "selection, the rest training that network (1: never)")),
+    "--rewind-lr": ("options", "rewind_lr", dict(
+        type=_on_off("--rewind-lr"), metavar="{on,off}", help="variational with --budget: "
+        "the learning-rate schedule starts again when the gates are fixed (--budget-freeze), "
+        "so the fixed network trains on a whole schedule over the steps left")),
     "--gate-warmup-epochs": ("options", "gate_warmup_epochs", dict(
         type=argtype("--gate-warmup-epochs", float, 0), help="epochs before theta moves")),
     "--theta-init": ("options", "theta_init", dict(type=argtype("--theta-init", float, 0, True,
@@ -280,6 +293,8 @@ def _shown(flag: str, value) -> str:
         return _UNSET[flag]
     if isinstance(value, tuple):
         return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return "on" if value else "off"
     return repr(value)
 
 
@@ -296,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (part, name, kw) in OPTIONS.items():
         extra = _default_text(flag)
         help_text = "; ".join(x for x in (kw.get("help"), extra) if x)
-        if kw.get("action") is None and "choices" not in kw:
+        if kw.get("action") is None and "choices" not in kw and "metavar" not in kw:
             kw = kw | {"metavar": flag.lstrip("-").upper().replace("-", "_")}
         t.add_argument(flag, dest=flag, **(kw | {"help": help_text or None}))
     add_latency_parser(sub)

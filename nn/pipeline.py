@@ -42,6 +42,7 @@ reading their checked files back); methods, surgery and the report live elsewher
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -312,8 +313,11 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device,
         load_model_state(training.module, load_checkpoint(sdir / CHECKPOINT), sdir / CHECKPOINT)
         stages["train"] = _read(out, "train/done.json") | {"ran": False}
     else:
-        res = train(training.module, train_loader, test, cfg.train_config("train"),
-                    resume=cfg.runtime.resume, name=f"{method.name} train", **training.hooks)
+        tc = cfg.train_config("train")
+        if training.restart_step is not None:
+            tc = dataclasses.replace(tc, restart_step=training.restart_step)
+        res = train(training.module, train_loader, test, tc, resume=cfg.runtime.resume,
+                    name=f"{method.name} train", **training.hooks)
         stages["train"] = {"seconds": res.seconds, "history": res.history,
                            "test_acc": evaluate(training.module, test, world), "ran": True}
         if main:

@@ -372,6 +372,7 @@ def test_checkpoint_is_atomic_and_weights_only(tmp_path, monkeypatch):
     ({"channels_last": 1}, "channels_last"), ({"compile": "no"}, "compile"),
     ({"seed": -1}, "seed"), ({"out_dir": ""}, "out_dir"), ({"out_dir": 3}, "out_dir"),
     ({"checkpoint_every": -1}, "checkpoint_every"), ({"log_every": 0}, "log_every"),
+    ({"restart_step": 0}, "restart_step"), ({"restart_step": 2.0}, "restart_step"),
 ])
 def test_config_validation_names_the_bad_value(kw, word):
     with pytest.raises(ValueError, match=word):
@@ -450,6 +451,44 @@ def test_multistep_and_constant_with_warmup_by_hand():
     k = TrainConfig(epochs=3, lr=0.3, schedule="constant", warmup_epochs=1)
     assert [lr_at(k, s, 3) for s in range(9)] == pytest.approx(
         [0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3])
+
+
+def test_restarted_schedules_by_hand():
+    # cosine, 4 epochs x 10 steps, 1 warm-up epoch (W = 10), restart at K = 25: the 15 steps
+    # left run the 30-step cosine again, compressed
+    c = TrainConfig(epochs=4, lr=0.1, warmup_epochs=1, restart_step=25)
+    lrs = _observed_lrs(c, 10)
+    plain = TrainConfig(epochs=4, lr=0.1, warmup_epochs=1)
+    assert lrs[:25] == pytest.approx([lr_at(plain, s, 10) for s in range(25)], rel=1e-12)
+    hand = {25: 0.1, 30: 0.05 * (1 + math.cos(math.pi * 5 / 15)),
+            39: 0.05 * (1 + math.cos(math.pi * 14 / 15))}
+    for s, want in hand.items():
+        assert lrs[s] == pytest.approx(want, rel=1e-12), s
+    # multistep, 10 epochs x 5 steps, milestones at 0.5 and 0.8 of the schedule; restart at
+    # step 30: the 20 steps left drop at 30 + 10 and 30 + 16
+    m = TrainConfig(epochs=10, lr=0.1, schedule="multistep", milestones=(0.5, 0.8), gamma=0.1,
+                    restart_step=30)
+    got = [lr_at(m, s, 5) for s in (24, 25, 29, 30, 39, 40, 45, 46, 49)]
+    assert got == pytest.approx([0.1, 0.01, 0.01, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    # a restart at or past the end changes nothing
+    late = TrainConfig(epochs=4, lr=0.1, warmup_epochs=1, restart_step=40)
+    assert [lr_at(late, s, 10) for s in range(40)] == [lr_at(plain, s, 10) for s in range(40)]
+
+
+def test_resume_refuses_a_checkpoint_written_without_the_restart(tmp_path):
+    """A checkpoint from before ``restart_step`` existed ran the plain schedule: resuming it
+    with a restart would change the trajectory, so it is refused by name."""
+    x, y = toy_data(32)
+    base = TrainConfig(epochs=2, lr=0.1, progress=False, out_dir=str(tmp_path))
+    train(plain_net(), ToyLoader(x, y, 16), None, base)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"].pop("restart_step") is None  # as an older checkpoint has it
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="restart_step=None, config has restart_step=3"):
+        train(plain_net(), ToyLoader(x, y, 16), None,
+              dataclasses.replace(base, restart_step=3), resume=True)
+    res = train(plain_net(), ToyLoader(x, y, 16), None, base, resume=True)  # as it was: fine
+    assert [r["epoch"] for r in res.history] == [1, 2]
 
 
 def test_logged_lr_is_the_last_step_of_the_epoch():

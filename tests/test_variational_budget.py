@@ -4,6 +4,7 @@ selection's own cost, the least multiplier whose theta step fits, the ramp, and 
 end to end (lam set and recorded; ``--budget-lam fixed`` leaves it at ``--lam``).  Toy
 networks, 1 thread."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -193,6 +194,22 @@ def test_gates_fixed_to_the_budgets_selection_train_that_network(tmp_path, monke
     assert report["regularizer"]["budget_freeze"] == 0.5
     kept = {n: sum(v) for n, v in fixed[-1].items() if not n.startswith("block.")}
     assert kept == {n: w for n, w in report["selection"]["widths"].items() if n in kept}
+    # the schedule starts again at the freeze: step 12 runs at the peak, and the logged lr (the
+    # epoch's last step) follows a cosine over the 12 steps left, not the one over all 24
+    lrs = [e["lr"] for e in hist]
+    assert lrs[1] == pytest.approx(0.025 * (1 + math.cos(math.pi * 11 / 24)))
+    assert lrs[2] == pytest.approx(0.025 * (1 + math.cos(math.pi * 5 / 12)))
+    assert lrs[3] == pytest.approx(0.025 * (1 + math.cos(math.pi * 11 / 12)))
+    assert report["regularizer"]["rewind_lr"] is True
+
+
+def test_without_rewinding_the_schedule_runs_on_through_the_freeze(tmp_path):
+    report = budgeted_run(tmp_path, 4, gate_warmup_epochs=0.0, budget_freeze=0.5,
+                          rewind_lr=False)
+    lrs = [e["lr"] for e in report["history"]["train"]]
+    assert lrs == pytest.approx([0.025 * (1 + math.cos(math.pi * (6 * e - 1) / 24))
+                                 for e in (1, 2, 3, 4)])
+    assert report["regularizer"]["rewind_lr"] is False
 
 
 def test_cli_budget_lam_and_ramp(capsys):
@@ -202,11 +219,14 @@ def test_cli_budget_lam_and_ramp(capsys):
         return config_from_args(build_parser().parse_args(["train", *argv]))
 
     o = cfg("--method", "variational").method.options
-    assert (o.budget_lam, o.budget_ramp, o.budget_freeze) == ("project", 0.5, 0.5)
+    assert (o.budget_lam, o.budget_ramp, o.budget_freeze, o.rewind_lr) == \
+        ("project", 0.5, 0.5, True)
     o = cfg("--method", "variational", "--budget-lam", "fixed", "--budget-ramp", "0.25",
-            "--budget-freeze", "1", "--budget", "macs=0.4").method.options
-    assert (o.budget_lam, o.budget_ramp, o.budget_freeze) == ("fixed", 0.25, 1.0)
-    for bad in (("--budget-ramp", "1.5"), ("--budget-lam", "dual"), ("--budget-freeze", "-1")):
+            "--budget-freeze", "1", "--budget", "macs=0.4", "--rewind-lr", "off").method.options
+    assert (o.budget_lam, o.budget_ramp, o.budget_freeze, o.rewind_lr) == \
+        ("fixed", 0.25, 1.0, False)
+    for bad in (("--budget-ramp", "1.5"), ("--budget-lam", "dual"), ("--budget-freeze", "-1"),
+                ("--rewind-lr", "yes")):
         with pytest.raises(SystemExit):
             cfg("--method", "variational", *bad)
         assert bad[0] in capsys.readouterr().err

@@ -70,12 +70,15 @@ class Run:
 
 @dataclass
 class Training:
-    """The module the first stage trains, its :func:`nn.training.train` hooks, and whatever
-    the method keeps for its selection and report (``state``)."""
+    """The module the first stage trains, its :func:`nn.training.train` hooks, whatever the
+    method keeps for its selection and report (``state``), and ``restart_step``: the optimizer
+    step at which the training's learning-rate schedule starts again (a method that fixes its
+    network there; :mod:`nn.training.schedule`), or None."""
 
     module: torch.nn.Module
     hooks: dict = field(default_factory=dict)
     state: object = None
+    restart_step: int | None = None
 
 
 class Method:

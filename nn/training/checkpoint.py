@@ -26,6 +26,7 @@ steps per epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -138,7 +139,10 @@ def check_resumable(saved: dict, config: TrainConfig, steps_per_epoch: int, ckpt
     """``ValueError`` unless checkpoint ``ckpt`` (whose config dict is ``saved``) continues the
     run that ``config`` and ``steps_per_epoch`` describe."""
     now = config.to_dict()
-    for key, value in saved.items():
+    # a field newer than the checkpoint: it was written with the field's default
+    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for key in [*saved, *(k for k in now if k not in saved)]:
+        value = saved.get(key, default.get(key))
         if key not in RESUME_FREE and now.get(key) != value:
             raise ValueError(f"cannot resume: checkpoint has {key}={value!r}, config has "
                              f"{key}={now.get(key)!r}")

@@ -38,6 +38,8 @@ class TrainConfig:
     supported, else fp16 with a GradScaler), ``"on"``, ``"bf16"``, ``"fp16"`` (need CUDA),
     ``"off"``.  ``seed``: RNGs seeded with ``seed + rank`` (the model is built by the caller:
     seed before building it, e.g. :func:`~nn.training.runtime.seed_all`).
+    ``restart_step``: the optimizer step from which the schedule starts again, compressed to
+    the steps left (learning-rate rewinding, :mod:`nn.training.schedule`; None: never).
     ``checkpoint_every``: epochs between checkpoints (0: none; the last epoch always writes one
     when ``out_dir`` is set).  ``log_every``: steps between progress-bar updates (each reads the
     loss: a GPU sync).
@@ -52,6 +54,7 @@ class TrainConfig:
     milestones: tuple = (0.5, 0.75)
     gamma: float = 0.1
     warmup_epochs: float = 0
+    restart_step: int | None = None
     batch_size: int | None = None
     device: str = "auto"
     amp: str = "auto"
@@ -94,6 +97,10 @@ class TrainConfig:
         if not _number(self.warmup_epochs) or not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}), "
                              f"got {self.warmup_epochs!r}")
+        if self.restart_step is not None and (not _int(self.restart_step)
+                                              or self.restart_step < 1):
+            raise ValueError(f"restart_step must be None or an int >= 1, "
+                             f"got {self.restart_step!r}")
         if self.batch_size is not None and (not _int(self.batch_size) or self.batch_size < 1):
             raise ValueError(f"batch_size must be None or an int >= 1, got {self.batch_size!r}")
         if not (isinstance(self.device, str)

@@ -8,6 +8,12 @@ Learning rate of optimizer step ``s = 0, 1, ...`` (:func:`lr_at`), with ``S`` st
     multistep  decay = gamma ** #{milestones m : s >= round(m S)}   (m in epochs; fractions
                of ``epochs`` are turned into epochs first)
     constant   decay = 1
+
+With ``restart_step`` K (``0 < K < T``; learning-rate rewinding, Renda, Frankle and Carbin,
+ICLR 2020) the steps from K on replay the schedule after its warm-up, compressed to the steps
+left: ``lr(s) = lr * decay(W + (s - K) (T - W) / (T - K))`` for ``s >= K`` -- a cosine starts
+again at ``lr``, multistep milestones fall at the same fractions of the steps left.  A
+pruner that fixes its network at step K trains that network on a whole schedule.
 """
 
 from __future__ import annotations
@@ -27,16 +33,24 @@ def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Learning rate of optimizer step ``step`` (0-based); formula in the module docstring."""
     S, lr = steps_per_epoch, config.lr
     T, W = config.epochs * S, round(config.warmup_epochs * S)
+    K = config.restart_step
+    if K is not None and 0 < K < T and step >= K:  # rewound: the schedule again, compressed
+        return lr * _decay(config, W + (step - K) * (T - W) / (T - K), S, T, W)
     warm = min(1.0, (step + 1) / W) if W > 0 else 1.0
+    return lr * warm * _decay(config, step, S, T, W)
+
+
+def _decay(config: TrainConfig, step: float, S: int, T: int, W: int) -> float:
+    """The schedule's decay factor at (possibly fractional) step ``step``."""
     if config.schedule == "cosine":
         p = min(1.0, max(0, step - W) / max(1, T - W))
-        return lr * warm * 0.5 * (1.0 + math.cos(math.pi * p))
+        return 0.5 * (1.0 + math.cos(math.pi * p))
     if config.schedule == "multistep":
         scale = config.epochs if isinstance(config.milestones[0], float) else 1
         passed = sum(step >= round(m * scale * S) for m in config.milestones) \
             if config.milestones else 0
-        return lr * warm * config.gamma ** passed
-    return lr * warm
+        return config.gamma ** passed
+    return 1.0
 
 
 def make_optimizer(module: tnn.Module, config: TrainConfig, steps_per_epoch: int):

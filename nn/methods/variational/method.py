@@ -55,7 +55,9 @@ class VariationalOptions:
     the budget's limit glides from dense to the budget; ``budget_freeze``: with a stated
     budget, the share of the training after the warm-up at which the gates are fixed to the
     budget's selection and the rest of the training trains that network, without gate noise
-    (1: never, the selection at the end)."""
+    (1: never, the selection at the end); ``rewind_lr``: the learning-rate schedule starts
+    again at that freeze, so the fixed network trains on a whole schedule compressed to the
+    steps left (learning-rate rewinding, :mod:`nn.training.schedule`)."""
 
     theta_lr: float = 0.005
     estimator: str = DEFAULT_ESTIMATOR
@@ -69,6 +71,7 @@ class VariationalOptions:
     budget_lam: str = "project"
     budget_ramp: float = 0.5
     budget_freeze: float = 0.5
+    rewind_lr: bool = True
 
     def __post_init__(self):
         number("theta_lr", self.theta_lr, 0, open_lo=True)
@@ -81,8 +84,9 @@ class VariationalOptions:
         choice("budget_lam", self.budget_lam, BUDGET_LAM)
         number("budget_ramp", self.budget_ramp, 0, 1)
         number("budget_freeze", self.budget_freeze, 0, 1)
-        if not isinstance(self.precondition, bool):
-            raise ValueError(f"precondition must be a bool, got {self.precondition!r}")
+        for label in ("precondition", "rewind_lr"):
+            if not isinstance(getattr(self, label), bool):
+                raise ValueError(f"{label} must be a bool, got {getattr(self, label)!r}")
         choice("estimator", self.estimator, ESTIMATORS)
 
 
@@ -227,7 +231,11 @@ class Variational(Method):
                     gated.steps)}
 
             freeze = (max(1, round(o.budget_freeze * theta_steps)), fix)
-        return Training(gated, hooks(gated, o, run.steps_per_epoch, tracker, freeze), gated)
+        # the first optimizer step on the fixed network: its schedule starts again there
+        restart = None if freeze is None or not o.rewind_lr else \
+            round(o.gate_warmup_epochs * run.steps_per_epoch) + freeze[0]
+        return Training(gated, hooks(gated, o, run.steps_per_epoch, tracker, freeze), gated,
+                        restart_step=restart)
 
     def score_name(self, run):
         return "theta"
@@ -302,6 +310,7 @@ class Variational(Method):
                 "budget_lam": o.budget_lam if run.config.selection.budget else None,
                 "budget_ramp": o.budget_ramp if run.config.selection.budget else None,
                 "budget_freeze": o.budget_freeze if run.config.selection.budget else None,
+                "rewind_lr": o.rewind_lr if run.config.selection.budget else None,
                 "warmup_epochs": o.gate_warmup_epochs,
                 "theta_init": o.theta_init, "group": o.group,
                 "R": "macs E[MACs]/MACs0 + params E[params]/params0 + blocks E[blocks]/B "
