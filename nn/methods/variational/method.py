@@ -221,8 +221,8 @@ class Variational(Method):
                             latency=latency, group=o.group,
                             flip_samples=o.flip_samples).to(run.device)
         tracker = freeze = None
-        theta_steps = max(0, run.config.optim.epochs * run.steps_per_epoch
-                          - round(o.gate_warmup_epochs * run.steps_per_epoch))
+        warmup = round(o.gate_warmup_epochs * run.steps_per_epoch)  # as hooks() counts it
+        theta_steps = max(0, run.config.optim.epochs * run.steps_per_epoch - warmup)
         if run.config.selection.budget and o.budget_lam == "project":
             from nn.budget import budget_cost
 
@@ -235,8 +235,7 @@ class Variational(Method):
 
             freeze = (max(1, round(o.budget_freeze * theta_steps)), fix)
         # the first optimizer step on the fixed network: its schedule starts again there
-        restart = None if freeze is None or not o.rewind_lr else \
-            round(o.gate_warmup_epochs * run.steps_per_epoch) + freeze[0]
+        restart = None if freeze is None or not o.rewind_lr else warmup + freeze[0]
         return Training(gated, hooks(gated, o, run.steps_per_epoch, tracker, freeze), gated,
                         restart_step=restart)
 
