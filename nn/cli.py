@@ -200,6 +200,9 @@ OPTIONS = {
         type=_on_off("--rewind-lr"), metavar="{on,off}", help="variational with --budget: "
         "the learning-rate schedule starts again when the gates are fixed (--budget-freeze), "
         "so the fixed network trains on a whole schedule over the steps left")),
+    "--rewind-warmup-epochs": ("options", "rewind_warmup_epochs", dict(
+        type=argtype("--rewind-warmup-epochs", float, 0), help="variational with --budget and "
+        "--rewind-lr on: epochs of linear learning-rate warm-up from that restart")),
     "--gate-warmup-epochs": ("options", "gate_warmup_epochs", dict(
         type=argtype("--gate-warmup-epochs", float, 0), help="epochs before theta moves")),
     "--theta-init": ("options", "theta_init", dict(type=argtype("--theta-init", float, 0, True,

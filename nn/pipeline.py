@@ -315,7 +315,8 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device,
     else:
         tc = cfg.train_config("train")
         if training.restart_step is not None:
-            tc = dataclasses.replace(tc, restart_step=training.restart_step)
+            tc = dataclasses.replace(tc, restart_step=training.restart_step,
+                                     restart_warmup=training.restart_warmup)
         res = train(training.module, train_loader, test, tc, resume=cfg.runtime.resume,
                     name=f"{method.name} train", **training.hooks)
         stages["train"] = {"seconds": res.seconds, "history": res.history,

@@ -373,6 +373,7 @@ def test_checkpoint_is_atomic_and_weights_only(tmp_path, monkeypatch):
     ({"seed": -1}, "seed"), ({"out_dir": ""}, "out_dir"), ({"out_dir": 3}, "out_dir"),
     ({"checkpoint_every": -1}, "checkpoint_every"), ({"log_every": 0}, "log_every"),
     ({"restart_step": 0}, "restart_step"), ({"restart_step": 2.0}, "restart_step"),
+    ({"restart_warmup": -1}, "restart_warmup"), ({"restart_warmup": 0.5}, "restart_warmup"),
 ])
 def test_config_validation_names_the_bad_value(kw, word):
     with pytest.raises(ValueError, match=word):
@@ -473,6 +474,13 @@ def test_restarted_schedules_by_hand():
     # a restart at or past the end changes nothing
     late = TrainConfig(epochs=4, lr=0.1, warmup_epochs=1, restart_step=40)
     assert [lr_at(late, s, 10) for s in range(40)] == [lr_at(plain, s, 10) for s in range(40)]
+    # a 4-step warm-up from the restart: 1/4, 2/4, 3/4 of the rewound cosine, then all of it
+    warm = dataclasses.replace(c, restart_warmup=4)
+    got = _observed_lrs(warm, 10)
+    assert got[:25] == pytest.approx(lrs[:25], rel=1e-12)
+    for s, f in ((25, 0.25), (26, 0.5), (27, 0.75), (28, 1.0), (30, 1.0), (39, 1.0)):
+        want = f * 0.05 * (1 + math.cos(math.pi * (s - 25) / 15))
+        assert got[s] == pytest.approx(want, rel=1e-12), s
 
 
 def test_resume_refuses_a_checkpoint_written_without_the_restart(tmp_path):

@@ -201,6 +201,19 @@ def test_gates_fixed_to_the_budgets_selection_train_that_network(tmp_path, monke
     assert lrs[2] == pytest.approx(0.025 * (1 + math.cos(math.pi * 5 / 12)))
     assert lrs[3] == pytest.approx(0.025 * (1 + math.cos(math.pi * 11 / 12)))
     assert report["regularizer"]["rewind_lr"] is True
+    assert report["regularizer"]["rewind_warmup_epochs"] == 0.0
+
+
+def test_the_rewound_schedule_warms_up_over_rewind_warmup_epochs(tmp_path):
+    # 6 steps an epoch, restart at step 12: 1.5 epochs of warm-up (9 steps) put step 17 (the
+    # end of epoch 3) at 6/9 of the rewound cosine and the last step (23) at all of it
+    report = budgeted_run(tmp_path, 4, gate_warmup_epochs=0.0, budget_freeze=0.5,
+                          rewind_warmup_epochs=1.5)
+    lrs = [e["lr"] for e in report["history"]["train"]]
+    assert lrs[1] == pytest.approx(0.025 * (1 + math.cos(math.pi * 11 / 24)))  # before: as is
+    assert lrs[2] == pytest.approx(6 / 9 * 0.025 * (1 + math.cos(math.pi * 5 / 12)))
+    assert lrs[3] == pytest.approx(0.025 * (1 + math.cos(math.pi * 11 / 12)))
+    assert report["regularizer"]["rewind_warmup_epochs"] == 1.5
 
 
 def test_without_rewinding_the_schedule_runs_on_through_the_freeze(tmp_path):
@@ -210,6 +223,7 @@ def test_without_rewinding_the_schedule_runs_on_through_the_freeze(tmp_path):
     assert lrs == pytest.approx([0.025 * (1 + math.cos(math.pi * (6 * e - 1) / 24))
                                  for e in (1, 2, 3, 4)])
     assert report["regularizer"]["rewind_lr"] is False
+    assert report["regularizer"]["rewind_warmup_epochs"] is None
 
 
 def test_cli_budget_lam_and_ramp(capsys):
@@ -222,11 +236,12 @@ def test_cli_budget_lam_and_ramp(capsys):
     assert (o.budget_lam, o.budget_ramp, o.budget_freeze, o.rewind_lr) == \
         ("project", 0.5, 0.5, True)
     o = cfg("--method", "variational", "--budget-lam", "fixed", "--budget-ramp", "0.25",
-            "--budget-freeze", "1", "--budget", "macs=0.4", "--rewind-lr", "off").method.options
-    assert (o.budget_lam, o.budget_ramp, o.budget_freeze, o.rewind_lr) == \
-        ("fixed", 0.25, 1.0, False)
+            "--budget-freeze", "1", "--budget", "macs=0.4", "--rewind-lr", "off",
+            "--rewind-warmup-epochs", "0.5").method.options
+    assert (o.budget_lam, o.budget_ramp, o.budget_freeze, o.rewind_lr,
+            o.rewind_warmup_epochs) == ("fixed", 0.25, 1.0, False, 0.5)
     for bad in (("--budget-ramp", "1.5"), ("--budget-lam", "dual"), ("--budget-freeze", "-1"),
-                ("--rewind-lr", "yes")):
+                ("--rewind-lr", "yes"), ("--rewind-warmup-epochs", "-0.5")):
         with pytest.raises(SystemExit):
             cfg("--method", "variational", *bad)
         assert bad[0] in capsys.readouterr().err

@@ -73,12 +73,14 @@ class Training:
     """The module the first stage trains, its :func:`nn.training.train` hooks, whatever the
     method keeps for its selection and report (``state``), and ``restart_step``: the optimizer
     step at which the training's learning-rate schedule starts again (a method that fixes its
-    network there; :mod:`nn.training.schedule`), or None."""
+    network there; :mod:`nn.training.schedule`), or None, and ``restart_warmup``: the steps of
+    linear warm-up from it."""
 
     module: torch.nn.Module
     hooks: dict = field(default_factory=dict)
     state: object = None
     restart_step: int | None = None
+    restart_warmup: int = 0
 
 
 class Method:

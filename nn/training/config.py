@@ -39,7 +39,8 @@ class TrainConfig:
     ``"off"``.  ``seed``: RNGs seeded with ``seed + rank`` (the model is built by the caller:
     seed before building it, e.g. :func:`~nn.training.runtime.seed_all`).
     ``restart_step``: the optimizer step from which the schedule starts again, compressed to
-    the steps left (learning-rate rewinding, :mod:`nn.training.schedule`; None: never).
+    the steps left (learning-rate rewinding, :mod:`nn.training.schedule`; None: never);
+    ``restart_warmup``: steps of linear warm-up from it (0: none).
     ``checkpoint_every``: epochs between checkpoints (0: none; the last epoch always writes one
     when ``out_dir`` is set).  ``log_every``: steps between progress-bar updates (each reads the
     loss: a GPU sync).
@@ -55,6 +56,7 @@ class TrainConfig:
     gamma: float = 0.1
     warmup_epochs: float = 0
     restart_step: int | None = None
+    restart_warmup: int = 0
     batch_size: int | None = None
     device: str = "auto"
     amp: str = "auto"
@@ -101,6 +103,8 @@ class TrainConfig:
                                               or self.restart_step < 1):
             raise ValueError(f"restart_step must be None or an int >= 1, "
                              f"got {self.restart_step!r}")
+        if not _int(self.restart_warmup) or self.restart_warmup < 0:
+            raise ValueError(f"restart_warmup must be an int >= 0, got {self.restart_warmup!r}")
         if self.batch_size is not None and (not _int(self.batch_size) or self.batch_size < 1):
             raise ValueError(f"batch_size must be None or an int >= 1, got {self.batch_size!r}")
         if not (isinstance(self.device, str)

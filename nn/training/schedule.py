@@ -13,7 +13,9 @@ With ``restart_step`` K (``0 < K < T``; learning-rate rewinding, Renda, Frankle 
 ICLR 2020) the steps from K on replay the schedule after its warm-up, compressed to the steps
 left: ``lr(s) = lr * decay(W + (s - K) (T - W) / (T - K))`` for ``s >= K`` -- a cosine starts
 again at ``lr``, multistep milestones fall at the same fractions of the steps left.  A
-pruner that fixes its network at step K trains that network on a whole schedule.
+pruner that fixes its network at step K trains that network on a whole schedule.  With
+``restart_warmup`` V > 0 that rate is also multiplied by ``min(1, (s - K + 1) / V)``: a warm-up
+after the restart, for a network that has just changed under it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
     T, W = config.epochs * S, round(config.warmup_epochs * S)
     K = config.restart_step
     if K is not None and 0 < K < T and step >= K:  # rewound: the schedule again, compressed
-        return lr * _decay(config, W + (step - K) * (T - W) / (T - K), S, T, W)
+        V = config.restart_warmup
+        rewarm = min(1.0, (step - K + 1) / V) if V > 0 else 1.0
+        return lr * rewarm * _decay(config, W + (step - K) * (T - W) / (T - K), S, T, W)
     warm = min(1.0, (step + 1) / W) if W > 0 else 1.0
     return lr * warm * _decay(config, step, S, T, W)
 

@@ -60,7 +60,9 @@ class VariationalOptions:
     budget's selection and the rest of the training trains that network, without gate noise
     (1: never, the selection at the end); ``rewind_lr``: the learning-rate schedule starts
     again at that freeze, so the fixed network trains on a whole schedule compressed to the
-    steps left (learning-rate rewinding, :mod:`nn.training.schedule`)."""
+    steps left (learning-rate rewinding, :mod:`nn.training.schedule`);
+    ``rewind_warmup_epochs``: epochs (may be fractional) of linear learning-rate warm-up from
+    that restart."""
 
     theta_lr: float = 0.005
     estimator: str = DEFAULT_ESTIMATOR
@@ -75,10 +77,12 @@ class VariationalOptions:
     budget_ramp: float = 0.5
     budget_freeze: float = 0.5
     rewind_lr: bool = True
+    rewind_warmup_epochs: float = 0.0
 
     def __post_init__(self):
         number("theta_lr", self.theta_lr, 0, open_lo=True)
         number("gate_warmup_epochs", self.gate_warmup_epochs, 0)
+        number("rewind_warmup_epochs", self.rewind_warmup_epochs, 0)
         number("theta_init", self.theta_init, 0, 1, open_lo=True)
         optional_count("flip_units", self.flip_units)
         optional_count("flip_blocks", self.flip_blocks)
@@ -237,7 +241,8 @@ class Variational(Method):
         # the first optimizer step on the fixed network: its schedule starts again there
         restart = None if freeze is None or not o.rewind_lr else warmup + freeze[0]
         return Training(gated, hooks(gated, o, run.steps_per_epoch, tracker, freeze), gated,
-                        restart_step=restart)
+                        restart_step=restart, restart_warmup=0 if restart is None else round(
+                            o.rewind_warmup_epochs * run.steps_per_epoch))
 
     def score_name(self, run):
         return "theta"
@@ -313,6 +318,8 @@ class Variational(Method):
                 "budget_ramp": o.budget_ramp if run.config.selection.budget else None,
                 "budget_freeze": o.budget_freeze if run.config.selection.budget else None,
                 "rewind_lr": o.rewind_lr if run.config.selection.budget else None,
+                "rewind_warmup_epochs": o.rewind_warmup_epochs
+                if run.config.selection.budget and o.rewind_lr else None,
                 "warmup_epochs": o.gate_warmup_epochs,
                 "theta_init": o.theta_init, "group": o.group,
                 "R": "macs E[MACs]/MACs0 + params E[params]/params0 + blocks E[blocks]/B "
