@@ -194,14 +194,15 @@ def test_gates_fixed_to_the_budgets_selection_train_that_network(tmp_path, monke
     assert report["regularizer"]["budget_freeze"] == 0.5
     kept = {n: sum(v) for n, v in fixed[-1].items() if not n.startswith("block.")}
     assert kept == {n: w for n, w in report["selection"]["widths"].items() if n in kept}
-    # the schedule starts again at the freeze: step 12 runs at the peak, and the logged lr (the
-    # epoch's last step) follows a cosine over the 12 steps left, not the one over all 24
+    # the schedule starts again at the freeze: from step 12 it warms up to the peak over 2 steps
+    # (the default quarter epoch), and the logged lr (the epoch's last step) follows a cosine
+    # over the 12 steps left, not the one over all 24
     lrs = [e["lr"] for e in hist]
     assert lrs[1] == pytest.approx(0.025 * (1 + math.cos(math.pi * 11 / 24)))
     assert lrs[2] == pytest.approx(0.025 * (1 + math.cos(math.pi * 5 / 12)))
     assert lrs[3] == pytest.approx(0.025 * (1 + math.cos(math.pi * 11 / 12)))
     assert report["regularizer"]["rewind_lr"] is True
-    assert report["regularizer"]["rewind_warmup_epochs"] == 0.0
+    assert report["regularizer"]["rewind_warmup_epochs"] == 0.25
 
 
 def test_the_rewound_schedule_warms_up_over_rewind_warmup_epochs(tmp_path):
@@ -233,8 +234,8 @@ def test_cli_budget_lam_and_ramp(capsys):
         return config_from_args(build_parser().parse_args(["train", *argv]))
 
     o = cfg("--method", "variational").method.options
-    assert (o.budget_lam, o.budget_ramp, o.budget_freeze, o.rewind_lr) == \
-        ("project", 0.5, 0.5, True)
+    assert (o.budget_lam, o.budget_ramp, o.budget_freeze, o.rewind_lr,
+            o.rewind_warmup_epochs) == ("project", 0.5, 0.5, True, 0.25)
     o = cfg("--method", "variational", "--budget-lam", "fixed", "--budget-ramp", "0.25",
             "--budget-freeze", "1", "--budget", "macs=0.4", "--rewind-lr", "off",
             "--rewind-warmup-epochs", "0.5").method.options
