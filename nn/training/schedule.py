@@ -37,11 +37,14 @@ def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
     T, W = config.epochs * S, round(config.warmup_epochs * S)
     K = config.restart_step
     if K is not None and 0 < K < T and step >= K:  # rewound: the schedule again, compressed
-        V = config.restart_warmup
-        rewarm = min(1.0, (step - K + 1) / V) if V > 0 else 1.0
-        return lr * rewarm * _decay(config, W + (step - K) * (T - W) / (T - K), S, T, W)
-    warm = min(1.0, (step + 1) / W) if W > 0 else 1.0
-    return lr * warm * _decay(config, step, S, T, W)
+        return lr * _warm(step - K, config.restart_warmup) * _decay(
+            config, W + (step - K) * (T - W) / (T - K), S, T, W)
+    return lr * _warm(step, W) * _decay(config, step, S, T, W)
+
+
+def _warm(i: int, n: int) -> float:
+    """The linear warm-up factor of the ``i``-th step (0-based) of an ``n``-step warm-up."""
+    return min(1.0, (i + 1) / n) if n > 0 else 1.0
 
 
 def _decay(config: TrainConfig, step: float, S: int, T: int, W: int) -> float:

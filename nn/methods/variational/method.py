@@ -244,8 +244,8 @@ class Variational(Method):
         # the first optimizer step on the fixed network: its schedule starts again there
         restart = None if freeze is None or not o.rewind_lr else warmup + freeze[0]
         return Training(gated, hooks(gated, o, run.steps_per_epoch, tracker, freeze), gated,
-                        restart_step=restart, restart_warmup=0 if restart is None else round(
-                            o.rewind_warmup_epochs * run.steps_per_epoch))
+                        restart_step=restart,
+                        restart_warmup=round(o.rewind_warmup_epochs * run.steps_per_epoch))
 
     def score_name(self, run):
         return "theta"
